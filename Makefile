@@ -1,0 +1,41 @@
+# fewstep-rl — `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build of torch 2.13.0 installs fast; on a CUDA machine use e.g. `make install TORCH=torch==2.14.1`.
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev,diffusers
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help install demo test test-slow lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install fewstep-rl (editable) with its test tools
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: install ## train the default method on the default world (DMD2 on toy2d for now)
+	$(VENV)/bin/fewstep-rl fit --method dmd2
+
+test: install ## run the test suite (slow tests excluded)
+	$(PY) -m pytest -q
+
+test-slow: install ## run only the slow tests
+	$(PY) -m pytest -q -m slow
+
+lint: install ## ruff + import-linter layer contracts
+	$(VENV)/bin/ruff check src methods rewards tests benchmarks
+	$(VENV)/bin/lint-imports
+
+bench: install ## per-method step time vs. its own network passes, and peak memory
+	$(PY) benchmarks/bench_methods.py
+
+clean: ## remove the virtualenv and run outputs
+	rm -rf $(VENV) runs .pytest_cache

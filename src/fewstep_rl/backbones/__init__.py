@@ -1,0 +1,1 @@
+"""fewstep_rl.backbones"""

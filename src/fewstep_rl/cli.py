@@ -1,0 +1,327 @@
+"""The ``fewstep-rl`` command line, with Lightning's conventions.
+
+::
+
+    fewstep-rl fit --method NAME [--world NAME] [--config FILE ...] [--a.b.c VALUE ...] [--ckpt_path C]
+                   [--print_config] [--help]
+    fewstep-rl sample (--ckpt C | --teacher [--world NAME]) --n N (--prompt P ... | --prompts FILE) [--steps S]
+                   [--guidance G] [--seed S] --out F
+    fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
+    fewstep-rl list methods|rewards|worlds
+
+Departure from architecture.md §3 (which names LightningCLI): the parser is our own, over typed dataclasses,
+because the public config layout (``method``/``world``/``rewards``/``trainer`` sections, ``--method.KEY``
+overrides, errors that name the closest valid key with exit code 2 before any model is built) does not fit
+LightningCLI's ``model``/``data`` namespaces. It keeps Lightning's conventions: ``fit`` subcommand, repeatable
+``--config``, dotted overrides, ``--print_config``, ``--ckpt_path`` to resume, per-method ``--help``.
+Values of overrides are parsed as YAML (``--world.means "[[0, 0]]"``, ``--method.guidance null``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fewstep_rl import registry
+from fewstep_rl.config import ConfigError, help_lines
+
+USAGE = __doc__.split("::")[1].split("Departure")[0]
+
+
+class UsageError(ConfigError):
+    pass
+
+
+def _parse(argv: list[str], flags: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``argv`` into known flags (``flags``: name → 'value' | 'list' | 'bool') and dotted overrides."""
+    opts: dict[str, Any] = {k: ([] if v == "list" else None) for k, v in flags.items()}
+    over: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok in ("-h", "--help"):
+            opts["help"] = True
+            continue
+        if not tok.startswith("--"):
+            raise UsageError(f"unexpected argument {tok!r}")
+        key, eq, val = tok[2:].partition("=")
+        if key in flags and flags[key] == "bool":
+            opts[key] = True
+            continue
+        if not eq:
+            if i >= len(argv):
+                raise UsageError(f"--{key} needs a value")
+            val = argv[i]
+            i += 1
+        if key in flags:
+            if flags[key] == "list":
+                opts[key].append(val)
+            else:
+                opts[key] = val
+        elif "." in key:
+            try:
+                over[key] = yaml.safe_load(val) if val != "" else ""
+            except yaml.YAMLError:
+                over[key] = val
+        else:
+            from fewstep_rl.config import closest
+
+            best = closest(key, list(flags))
+            hint = f"; did you mean --{best}?" if best else ""
+            raise UsageError(f"unknown option --{key}{hint} (options: {', '.join('--' + f for f in flags)})")
+    return opts, over
+
+
+def _num(opts: dict, key: str, kind: type = int, default: Any = None) -> Any:
+    """A numeric option, with a clear error for a bad value."""
+    if opts.get(key) is None:
+        return default
+    try:
+        return kind(opts[key])
+    except ValueError:
+        raise UsageError(f"--{key} expects {'an integer' if kind is int else 'a number'}, got {opts[key]!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------- fit
+FIT_FLAGS = {"method": "value", "world": "value", "config": "list", "ckpt_path": "value", "print_config": "bool",
+             "help": "bool", "no_preset": "bool"}
+
+
+def _method_help(method: str | None, world: str | None) -> str:
+    from fewstep_rl.run import DEFAULT_WORLD, TrainerConfig, preset_path
+
+    if method is None:
+        return f"usage:{USAGE}\ninstalled methods: {', '.join(registry.names('methods'))}"
+    cls = registry.load("methods", method)
+    world = world or DEFAULT_WORLD
+    wcls = registry.load("worlds", world)
+    doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    lines = [f"usage: fewstep-rl fit --method {method} [--world NAME] [--config FILE ...] [--KEY VALUE ...]", "",
+             f"{method}: {doc}"]
+    if cls.paper:
+        lines.append(f"paper: {cls.paper}")
+    p = preset_path(method, world)
+    lines += ["", f"preset for world {world!r}: {p if p else '(none; dataclass defaults)'}", "",
+              f"method options ({cls.Config.__name__}):", *help_lines(cls.Config, "method"), "",
+              f"world options ({world}):", *help_lines(wcls.Config, "world"), "",
+              "trainer options:", *help_lines(TrainerConfig, "trainer"), "",
+              "rewards: a list, e.g. --rewards '[{name: linear, w: [1.0, 0.0]}]'; "
+              f"installed: {', '.join(registry.names('rewards'))}"]
+    return "\n".join(lines)
+
+
+def cmd_fit(argv: list[str]) -> int:
+    opts, over = _parse(argv, FIT_FLAGS)
+    if opts.get("help"):
+        print(_method_help(opts["method"], opts["world"]))
+        return 0
+    from fewstep_rl.run import resolve
+
+    resolved = resolve(opts["method"], opts["world"], tuple(opts["config"]), over, use_preset=not opts["no_preset"])
+    if opts["print_config"]:
+        print(yaml.safe_dump(resolved.to_dict(), sort_keys=False), end="")
+        return 0
+    if opts["ckpt_path"] and not Path(opts["ckpt_path"]).is_file():
+        raise UsageError(f"checkpoint file not found: {opts['ckpt_path']}")
+    return _fit(resolved, opts["ckpt_path"])
+
+
+def _fit(resolved: Any, ckpt_path: str | None) -> int:
+    import torch
+
+    from fewstep_rl.data.prompts import PromptDataModule
+    from fewstep_rl.eval.callbacks import RunCallback
+    from fewstep_rl.run import build_method, build_trainer, default_run_dir, write_run_files
+
+    tc = resolved.trainer
+    run_dir = Path(tc.run_dir or os.environ.get("FEWSTEP_RUN_DIR") or default_run_dir(resolved))
+    os.environ["FEWSTEP_RUN_DIR"] = str(run_dir)  # child ranks of the subprocess launcher share the directory
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    if rank0:
+        write_run_files(run_dir, resolved)
+    method = build_method(resolved)
+    dm = PromptDataModule(method.world.train_prompts, *method.batch_spec(), seed=tc.seed)
+    cb = RunCallback(run_dir, tc.eval_every, tc.eval_samples, tc.ckpt_every, tc.seed)
+    trainer = build_trainer(tc, run_dir, [cb])
+    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    if trainer.is_global_zero:
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        print(json.dumps({"run_dir": str(run_dir), **cb.final}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- load
+def load_checkpoint(path: str, device: str = "cpu") -> Any:
+    """Rebuild the method of a checkpoint (config, roles, trainable weights) for sampling or evaluation."""
+    import torch
+
+    from fewstep_rl.run import build_method, resolve
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"checkpoint file not found: {path}")
+    try:
+        ckpt = torch.load(p, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    state = ckpt.get("fewstep") if isinstance(ckpt, dict) else None
+    if not state:
+        raise UsageError(f"{path} is not a fewstep-rl checkpoint (no 'fewstep' section)")
+    resolved = resolve(None, raw=state["config"])
+    method = build_method(resolved)
+    method.configure_model()
+    method.on_load_checkpoint(ckpt)
+    method.load_state_dict(ckpt["state_dict"], strict=False)
+    method.to(device).eval()
+    return method
+
+
+def _teacher(opts: dict, over: dict) -> tuple[Any, Any, Any]:
+    """(world, backbone, resolved) for ``--teacher`` runs (no method, frozen base)."""
+    from fewstep_rl.run import resolve_world
+
+    world, rewards = resolve_world(opts.get("world"), tuple(opts.get("config") or ()), over)
+    backbone = world.build_backbone()
+    backbone.eval()
+    return world, backbone, rewards
+
+
+def _source(opts: dict, over: dict) -> tuple[Any, Any, Any, Any]:
+    """(world, rewards, method or None, generate(prompts) -> samples) for ``--teacher`` or ``--ckpt``."""
+    import torch
+
+    from fewstep_rl.eval.generate import generate
+    from fewstep_rl.sampling import Transition, sigma_grid
+
+    g = torch.Generator().manual_seed(_num(opts, "seed", int, 0))
+    steps = _num(opts, "steps", int)
+    if opts.get("teacher"):
+        world, backbone, rewards = _teacher(opts, over)
+        guidance = _num(opts, "guidance", float, float(world.teacher_guidance))
+        sigmas = sigma_grid(steps or 32, shift=_num(opts, "shift", float, 1.0))
+        return world, rewards, None, lambda prompts: generate(
+            backbone, "teacher", prompts, g, sigmas, Transition("euler"), guidance
+        )
+    if over:
+        raise UsageError(f"overrides {sorted(over)} are only accepted with --teacher")
+    if not opts.get("ckpt"):
+        raise UsageError("give --ckpt FILE (a fewstep-rl checkpoint) or --teacher")
+    method = load_checkpoint(opts["ckpt"])
+    guidance = _num(opts, "guidance", float, 1.0)
+    return method.world, method.rewards, method, lambda prompts: method.generate(
+        prompts, g, steps=steps, role=opts.get("role"), guidance=guidance
+    )
+
+
+SAMPLE_FLAGS = {"ckpt": "value", "teacher": "bool", "world": "value", "config": "list", "n": "value",
+                "prompt": "list", "prompts": "value", "steps": "value", "guidance": "value", "seed": "value",
+                "out": "value", "role": "value", "shift": "value", "help": "bool"}
+
+
+def cmd_sample(argv: list[str]) -> int:
+    opts, over = _parse(argv, SAMPLE_FLAGS)
+    if opts.get("help"):
+        print(f"usage:{USAGE}")
+        return 0
+    if not opts.get("out"):
+        raise UsageError("sample needs --out (a .npy file for point worlds, a folder for image worlds)")
+    prompts = list(opts["prompt"])
+    if opts.get("prompts"):
+        pf = Path(opts["prompts"])
+        if not pf.is_file():
+            raise UsageError(f"prompt file not found: {pf}")
+        prompts += [line.strip() for line in pf.read_text().splitlines() if line.strip()]
+    n = _num(opts, "n", int, max(len(prompts), 1))
+    if not prompts:
+        raise UsageError("give --prompt P (repeatable) or --prompts FILE")
+    from fewstep_rl.eval.generate import cycle_prompts
+
+    world, _, _, gen = _source(opts, over)
+    prompts = cycle_prompts(prompts, n)
+    samples = gen(prompts)
+    world.save_samples(samples, prompts, Path(opts["out"]))
+    print(json.dumps({"out": opts["out"], "n": n, "shape": list(samples.shape)}))
+    return 0
+
+
+EVAL_FLAGS = {**{k: v for k, v in SAMPLE_FLAGS.items() if k not in ("out", "prompt", "prompts")}, "rewards": "value",
+              "beta": "value"}
+
+
+def cmd_eval(argv: list[str]) -> int:
+    opts, over = _parse(argv, EVAL_FLAGS)
+    if opts.get("help"):
+        print(f"usage:{USAGE}")
+        return 0
+    from fewstep_rl.eval.evaluate import score_samples
+    from fewstep_rl.eval.generate import cycle_prompts
+    from fewstep_rl.rewards import MultiReward
+
+    n = _num(opts, "n", int, 1024)
+    world, rewards, method, gen = _source(opts, over)
+    prompts = cycle_prompts(world.eval_prompts, n)
+    samples = gen(prompts)
+    if opts.get("rewards"):
+        rewards = MultiReward([_reward_by_name(name.strip(), rewards) for name in opts["rewards"].split(",")])
+    beta = _num(opts, "beta", float, getattr(method.cfg, "beta", None) if method else None)
+    import torch
+
+    g = torch.Generator().manual_seed(1 + _num(opts, "seed", int, 0))
+    metrics = score_samples(world, rewards, samples, prompts, beta, g)
+    print(json.dumps({"n": n, **metrics}))
+    return 0
+
+
+def _reward_by_name(name: str, configured: Any) -> Any:
+    """A configured reward of that name when the run has one, else the reward with its default config."""
+    for r in getattr(configured, "rewards", []):
+        if r.name == name:
+            return r
+    cls = registry.load("rewards", name)
+    return cls(cls.Config())
+
+
+# ---------------------------------------------------------------------------------------------------------- list
+def cmd_list(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in registry.GROUPS:
+        raise UsageError(f"usage: fewstep-rl list {'|'.join(registry.GROUPS)}")
+    for name, target, dist in registry.describe(argv[0]):
+        print(f"{name:16s} {target}  ({dist})")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage:{USAGE}")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        from fewstep_rl.config import closest
+
+        best = closest(cmd, list(COMMANDS))
+        print(f"error: unknown command {cmd!r}" + (f"; did you mean {best!r}?" if best else "")
+              + f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](rest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

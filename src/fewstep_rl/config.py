@@ -1,0 +1,184 @@
+"""Typed configuration: dataclasses that reject unknown keys and wrong types, with a clear message.
+
+Every configurable thing (a method, a world, a reward, the trainer section) has a ``Config`` dataclass. Field
+help text lives in ``field(metadata={"help": ...})`` (use :func:`knob`). :func:`build` turns a plain mapping
+(from YAML or dotted CLI overrides) into the dataclass, checking every key and value; errors are
+:class:`ConfigError` naming the dotted key, what was wrong and what is allowed (with the closest valid key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any model is built (the CLI exits with code 2)."""
+
+
+def knob(default: Any = _MISSING, help: str = "", *, factory: Any = None) -> Any:  # noqa: A002
+    """A dataclass field with help text (shown by ``fewstep-rl fit --method NAME --help``)."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: typing.cast(Any, type(value))(value), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def closest(name: str, options: list[str] | tuple[str, ...]) -> str | None:
+    """The closest valid option to a misspelt ``name`` (or None)."""
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.4)
+    return match[0] if match else None
+
+
+def unknown_key_message(where: str, key: str, options: list[str]) -> str:
+    best = closest(key, options)
+    hint = f"; did you mean '{where}.{best}'?" if best else ""
+    return f"unknown key '{where}.{key}'{hint} valid keys: {', '.join(sorted(options))}"
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in get_args(tp))
+    if origin is not None:
+        args = ", ".join(type_name(a) for a in get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int→float widening allowed); return the typed value."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            best = closest(str(value), [str(a) for a in allowed])
+            hint = f" (did you mean {best!r}?)" if best else ""
+            raise ConfigError(f"'{where}': {value!r} is not allowed{hint}; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"'{where}': {value!r} is not a valid {type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{where}': expected a list ({type_name(tp)}), got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"'{where}': expected {len(args)} items ({type_name(tp)}), got {len(value)}")
+            return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"'{where}': expected a mapping ({type_name(tp)}), got {value!r}")
+        kt, vt = get_args(tp) or (Any, Any)
+        return {coerce(k, kt, where): coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"'{where}': expected a mapping, got {value!r}")
+        return build(typing.cast(type, tp), value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{where}': expected true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{where}': expected a number (float), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{where}': expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{where}': expected a string, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"'{where}': expected {type_name(tp)}, got {value!r}")
+    return value
+
+
+def build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
+    data = dict(data or {})
+    types_ = field_types(cls)
+    for key in data:
+        if key not in types_:
+            raise ConfigError(unknown_key_message(where, key, list(types_)))
+    kwargs = {k: coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING
+    ]
+    if missing:
+        raise ConfigError(f"'{where}': missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ checks
+        raise ConfigError(f"'{where}': {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain (YAML-safe) representation of a config dataclass."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def help_lines(cls: type, prefix: str) -> list[str]:
+    """``--prefix.key TYPE (default: …) help`` lines for every field of ``cls``."""
+    lines = []
+    types_ = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not _MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not _MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        lines.append(f"  --{prefix}.{f.name} {type_name(types_[f.name])}  (default: {default})")
+        if f.metadata.get("help"):
+            lines.append(f"      {f.metadata['help']}")
+    return lines

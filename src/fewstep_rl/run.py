@@ -1,0 +1,293 @@
+"""Run configuration and assembly: resolve a config, build world, rewards, method, data and Trainer.
+
+The run config has four sections::
+
+    method:  {...}                       # the method's typed Config (``--method NAME`` picks the class)
+    world:   {name: toy2d, ...}          # the world's typed Config
+    rewards: [{name: linear, weight: 1.0, w: [1.0, 0.0]}, ...]   # default: the world's default rewards
+    trainer: {...}                       # TrainerConfig below
+
+Layers, later wins: the packaged preset ``configs/<method>/<world>.yaml`` (when it exists) ← each ``--config FILE``
+← dotted overrides. Everything is validated against the dataclasses before any model is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import json
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fewstep_rl import registry
+from fewstep_rl.config import ConfigError, build, knob, to_dict, unknown_key_message
+
+DEFAULT_WORLD = "toy2d"
+SECTIONS = ("method", "world", "rewards", "trainer")
+
+
+@dataclass
+class TrainerConfig:
+    """Trainer section (``trainer.*``): devices, strategy, length, logging, checkpoints."""
+
+    max_steps: int = knob(1000, "training iterations (prompt batches; not optimiser steps)")
+    accelerator: str = knob("auto", "Lightning accelerator: auto, cpu, gpu, cuda")
+    devices: int = knob(1, "number of devices (processes)")
+    strategy: Literal["auto", "ddp", "fsdp2"] = knob("auto", "auto, ddp (gloo on CPU) or fsdp2 (ModelParallelStrategy)")
+    precision: str = knob("32-true", "Lightning precision, e.g. 32-true, bf16-mixed")
+    seed: int = knob(0, "seed of every random stream (noise, prompts, adapter init)")
+    run_dir: str | None = knob(None, "run directory (default: runs/<method>-<world>-<time>)")
+    log_every: int = knob(10, "log training metrics every N iterations")
+    eval_every: int = knob(0, "evaluate every N iterations (0: only at the end)")
+    eval_samples: int = knob(1024, "samples per evaluation")
+    ckpt_every: int = knob(0, "write a checkpoint every N iterations (0: only last.ckpt)")
+    num_threads: int | None = knob(None, "torch intra-op threads (default: torch's choice; DDP uses 1 per rank)")
+    progress_bar: bool = knob(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.devices < 1:
+            raise ValueError("max_steps and devices must be >= 1")
+
+
+@dataclass
+class Resolved:
+    """A validated run config."""
+
+    method_name: str
+    method_cls: type
+    method: Any
+    world_name: str
+    world_cls: type
+    world: Any
+    rewards: list[tuple[str, type, Any, float]]
+    trainer: TrainerConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": {"name": self.method_name, **to_dict(self.method)},
+            "world": {"name": self.world_name, **to_dict(self.world)},
+            "rewards": [{"name": n, "weight": w, **to_dict(c)} for n, _, c, w in self.rewards],
+            "trainer": to_dict(self.trainer),
+        }
+
+
+def deep_merge(base: dict, over: Mapping) -> dict:
+    """Merge mappings recursively (lists and scalars are replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in a nested dict (creating levels)."""
+    parts = key.split(".")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(unknown_key_message("<config>", parts[0], list(SECTIONS)).replace("'<config>.", "'"))
+    node = cfg
+    for p in parts[:-1]:
+        if p.isdigit() and isinstance(node, list):
+            node = node[int(p)]
+            continue
+        node = node.setdefault(p, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"cannot set '{key}': '{p}' is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"cannot set '{key}': no such list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping with sections {', '.join(SECTIONS)}")
+    return data
+
+
+def preset_path(method: str, world: str) -> Path | None:
+    """The packaged preset ``configs/<method>/<world>.yaml`` when it exists."""
+    try:
+        p = resources.files("fewstep_rl.configs").joinpath(method, f"{world}.yaml")
+    except ModuleNotFoundError:
+        return None
+    return Path(str(p)) if p.is_file() else None
+
+
+def resolve(
+    method: str | None, world: str | None = None, configs: tuple[str, ...] = (), overrides: Mapping[str, Any] = (),
+    use_preset: bool = True, raw: dict | None = None,
+) -> Resolved:
+    """Merge presets, files and overrides, then validate every section (raises :class:`ConfigError`)."""
+    merged: dict = {}
+    for c in configs:
+        merged = deep_merge(merged, load_yaml(c))
+    for k, v in dict(overrides).items():
+        set_dotted(merged, k, v)
+    if raw is not None:
+        merged = deep_merge(raw, merged)
+    method = method or (merged.get("method") or {}).get("name")
+    if not method:
+        raise ConfigError(f"no method given: use --method NAME (installed: {', '.join(registry.names('methods'))})")
+    world = world or (merged.get("world") or {}).get("name") or DEFAULT_WORLD
+    method_cls = registry.load("methods", method)
+    world_cls = registry.load("worlds", world)
+    if use_preset and raw is None and (p := preset_path(method, world)) is not None:
+        merged = deep_merge(load_yaml(p), merged)
+    for key in merged:
+        if key not in SECTIONS:
+            raise ConfigError(unknown_key_message("<config>", key, list(SECTIONS)).replace("'<config>.", "'"))
+    msec = dict(merged.get("method") or {})
+    if msec.pop("name", method) != method:
+        raise ConfigError(f"config says method.name={merged['method']['name']!r} but --method is {method!r}")
+    wsec = dict(merged.get("world") or {})
+    if wsec.pop("name", world) != world:
+        raise ConfigError(f"config says world.name={merged['world']['name']!r} but --world is {world!r}")
+    method_cfg = build(method_cls.Config, msec, "method")
+    world_cfg = build(world_cls.Config, wsec, "world")
+    trainer_cfg = build(TrainerConfig, merged.get("trainer"), "trainer")
+    rewards = resolve_rewards(merged.get("rewards"), world_cls, world_cfg)
+    return Resolved(method, method_cls, method_cfg, world, world_cls, world_cfg, rewards, trainer_cfg)
+
+
+def resolve_rewards(specs: Any, world_cls: type, world_cfg: Any) -> list[tuple[str, type, Any, float]]:
+    """Validate reward specs (default: the world's default rewards)."""
+    if specs is None:
+        specs = world_cls(world_cfg).default_rewards()
+    if not isinstance(specs, list):
+        raise ConfigError("'rewards' must be a list of {name: ..., weight: ..., <reward keys>}")
+    rewards = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"'rewards[{i}]' must be a mapping like {{name: linear, weight: 1.0}}, got {spec!r}")
+        spec = dict(spec)
+        if "name" not in spec:
+            raise ConfigError(f"'rewards[{i}]' needs a name (installed: {', '.join(registry.names('rewards'))})")
+        name = spec.pop("name")
+        weight = spec.pop("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise ConfigError(f"'rewards[{i}].weight': expected a number, got {weight!r}")
+        cls = registry.load("rewards", name)
+        rewards.append((name, cls, build(cls.Config, spec, f"rewards[{i}]"), float(weight)))
+    return rewards
+
+
+def resolve_world(world: str | None, configs: tuple[str, ...] = (), overrides: Mapping[str, Any] = ()) -> tuple[Any, Any]:
+    """(world, MultiReward) from ``world``/``rewards`` sections only (for ``--teacher`` sampling and evaluation)."""
+    merged: dict = {}
+    for c in configs:
+        merged = deep_merge(merged, load_yaml(c))
+    for k, v in dict(overrides).items():
+        set_dotted(merged, k, v)
+    for key in merged:
+        if key not in ("world", "rewards"):
+            raise ConfigError(f"with --teacher only 'world' and 'rewards' keys apply, got '{key}'")
+    wsec = dict(merged.get("world") or {})
+    name = world or wsec.pop("name", None) or DEFAULT_WORLD
+    wsec.pop("name", None)
+    world_cls = registry.load("worlds", name)
+    world_cfg = build(world_cls.Config, wsec, "world")
+    w = world_cls(world_cfg)
+    return w, _multi_reward(resolve_rewards(merged.get("rewards"), world_cls, world_cfg), w)
+
+
+def build_rewards(resolved: Resolved, world: Any) -> Any:
+    return _multi_reward(resolved.rewards, world)
+
+
+def _multi_reward(specs: list[tuple[str, type, Any, float]], world: Any) -> Any:
+    from fewstep_rl.rewards import MultiReward
+
+    rewards = [cls(cfg) for _, cls, cfg, _ in specs]
+    for r in rewards:
+        check = getattr(world, "check_reward", None)
+        if check is not None:
+            try:
+                check(r)
+            except ValueError as e:
+                raise ConfigError(f"reward {r.name!r}: {e}") from None
+    return MultiReward(rewards, [w for *_, w in specs])
+
+
+def build_method(resolved: Resolved) -> Any:
+    """World, rewards and the method module (roles are built later, in ``configure_model``)."""
+    world = resolved.world_cls(resolved.world)
+    rewards = build_rewards(resolved, world)
+    try:
+        return resolved.method_cls(
+            resolved.method, world, rewards, seed=resolved.trainer.seed, run_config=resolved.to_dict()
+        )
+    except ValueError as e:
+        raise ConfigError(f"method {resolved.method_name!r}: {e}") from None
+
+
+def default_run_dir(resolved: Resolved) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{resolved.method_name}-{resolved.world_name}-{stamp}"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fewstep-rl", "torch", "lightning", "diffusers", "transformers", "peft", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_run_files(run_dir: Path, resolved: Resolved) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
+
+
+def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list) -> Any:
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    if tc.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy: Any = DDPStrategy(find_unused_parameters=True)
+    elif tc.strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=tc.devices, tensor_parallel_size=1)
+    else:
+        strategy = "auto"
+    if tc.progress_bar:
+        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, tc.log_every))]
+    return L.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, strategy=strategy, precision=tc.precision,
+        max_epochs=1, limit_train_batches=tc.max_steps, logger=CSVLogger(str(run_dir), name="", version=""),
+        callbacks=callbacks, enable_progress_bar=tc.progress_bar, log_every_n_steps=tc.log_every,
+        default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+def fields_of(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
