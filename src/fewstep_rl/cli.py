@@ -149,7 +149,7 @@ def _fit(resolved: Any, ckpt_path: str | None) -> int:
         write_run_files(run_dir, resolved)
     method = build_method(resolved)
     dm = PromptDataModule(method.world.train_prompts, *method.batch_spec(), seed=tc.seed)
-    cb = RunCallback(run_dir, tc.eval_every, tc.eval_samples, tc.ckpt_every, tc.seed)
+    cb = RunCallback(run_dir, tc.eval_every, tc.eval_samples, tc.ckpt_every, tc.seed, tc.max_steps)
     trainer = build_trainer(tc, run_dir, [cb])
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")

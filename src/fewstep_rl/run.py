@@ -14,7 +14,6 @@ Layers, later wins: the packaged preset ``configs/<method>/<world>.yaml`` (when 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -278,16 +277,38 @@ def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list) -> Any:
         strategy = ModelParallelStrategy(data_parallel_size=tc.devices, tensor_parallel_size=1)
     else:
         strategy = "auto"
+    callbacks = [StopAt(tc.max_steps), *callbacks]
     if tc.progress_bar:
         callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, tc.log_every))]
     return L.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, strategy=strategy, precision=tc.precision,
-        max_epochs=1, limit_train_batches=tc.max_steps, logger=CSVLogger(str(run_dir), name="", version=""),
+        max_epochs=-1, max_steps=-1, logger=CSVLogger(str(run_dir), name="", version=""),
         callbacks=callbacks, enable_progress_bar=tc.progress_bar, log_every_n_steps=tc.log_every,
         default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
         enable_checkpointing=False,
     )
 
 
-def fields_of(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+def _stop_at_cls() -> type:
+    import lightning as L
+
+    class StopAt(L.Callback):
+        """Stop after ``max_steps`` iterations (prompt batches).
+
+        The prompt stream is infinite and the run length is counted in iterations, not epochs or optimiser steps:
+        a checkpoint written at the end of a run then resumes into a longer run (with an epoch-based stop the
+        restored loop would already be finished).
+        """
+
+        def __init__(self, max_steps: int) -> None:
+            self.max_steps = max_steps
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if int(batch["pos"]) + 1 >= self.max_steps:
+                trainer.should_stop = True
+
+    return StopAt
+
+
+def StopAt(max_steps: int) -> Any:  # noqa: N802 - a factory that keeps lightning out of import time
+    return _stop_at_cls()(max_steps)

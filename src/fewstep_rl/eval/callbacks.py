@@ -33,8 +33,11 @@ class RunCallback(L.Callback):
     All ranks generate (FSDP needs every rank in a forward); rank 0 writes.
     """
 
-    def __init__(self, run_dir: Path, eval_every: int, eval_samples: int, ckpt_every: int, seed: int) -> None:
+    def __init__(
+        self, run_dir: Path, eval_every: int, eval_samples: int, ckpt_every: int, seed: int, max_steps: int
+    ) -> None:
         self.run_dir, self.eval_every, self.eval_samples = Path(run_dir), eval_every, eval_samples
+        self.max_steps = max_steps
         self.ckpt_every, self.seed = ckpt_every, seed
         self.final: dict[str, float] = {}
 
@@ -52,7 +55,7 @@ class RunCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         done = int(batch["pos"]) + 1
-        if self.eval_every and done % self.eval_every == 0 and done < trainer.limit_train_batches:
+        if self.eval_every and done % self.eval_every == 0 and done < self.max_steps:
             self._evaluate(trainer, module, done)
         if self.ckpt_every and done % self.ckpt_every == 0:
             trainer.save_checkpoint(self.run_dir / "checkpoints" / f"iter={done:06d}.ckpt")

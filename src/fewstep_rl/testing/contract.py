@@ -34,7 +34,7 @@ def run_fit(
     module = build_method(resolved)
     tc = resolved.trainer
     dm = PromptDataModule(module.world.train_prompts, *module.batch_spec(), seed=tc.seed)
-    trainer = build_trainer(tc, Path(run_dir), [RunCallback(Path(run_dir), 0, tc.eval_samples, 0, tc.seed)])
+    trainer = build_trainer(tc, Path(run_dir), [RunCallback(Path(run_dir), 0, tc.eval_samples, 0, tc.seed, tc.max_steps)])
     logged: dict[str, list[float]] = {}
 
     orig = module.log_metrics

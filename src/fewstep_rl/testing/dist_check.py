@@ -33,7 +33,7 @@ class Checksums(L.Callback):
             params = module.backbone.role_parameters(role)
             full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
             flat = torch.cat([f.detach().reshape(-1).double() for f in full])
-            roles[role] = {"sum": float(flat.sum()), "sumsq": float((flat**2).sum()),
+            roles[role] = {"sum": float(flat.sum()), "sumsq": float((flat**2).sum()), "numel": int(full[0].numel()),
                            "type": type(params[0].data).__name__, "local_numel": int(params[0].to_local().numel())
                            if hasattr(params[0], "to_local") else int(params[0].numel())}
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "roles": roles,
