@@ -14,11 +14,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from fewstep_rl.rewards.base import Reward
 from PIL import Image
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.rewards.base import Reward
 
 
 @dataclasses.dataclass

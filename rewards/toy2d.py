@@ -11,10 +11,10 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from fewstep_rl.rewards.base import Reward
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.rewards.base import Reward
 
 
 def _check_points(name: str, samples: Tensor, d: int) -> None:

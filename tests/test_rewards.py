@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from fewstep_rl.rewards import MultiReward
-from fewstep_rl.rewards.jpeg import JpegCompressibility, JpegConfig
-from fewstep_rl.rewards.toy2d import LinearConfig, LinearReward, RegionConfig, RegionReward
 
 from fewstep_rl import registry
 from fewstep_rl.config import ConfigError, build
+from fewstep_rl.rewards import MultiReward
+from fewstep_rl.rewards.jpeg import JpegCompressibility, JpegConfig
+from fewstep_rl.rewards.toy2d import LinearConfig, LinearReward, RegionConfig, RegionReward
 
 
 def test_registered_names():

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from fewstep_rl.rewards import MultiReward
-from fewstep_rl.rewards.toy2d import LinearReward, RegionConfig, RegionReward
 
 from fewstep_rl.backbones.toy2d import GaussianMixtureBackbone
 from fewstep_rl.config import ConfigError, build
 from fewstep_rl.eval.metrics import energy_distance
+from fewstep_rl.rewards import MultiReward
+from fewstep_rl.rewards.toy2d import LinearReward, RegionConfig, RegionReward
 from fewstep_rl.roles import add_roles, copy_role
 from fewstep_rl.worlds.toy2d import Toy2DConfig, Toy2DWorld
 

@@ -19,8 +19,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from fewstep_rl.roles import EMA, add_roles
 from fewstep_rl.eval.generate import generate
+from fewstep_rl.roles import EMA, add_roles
 from fewstep_rl.sampling import Transition, sigma_grid
 from fewstep_rl.sampling.noise import stable_hash
 
@@ -58,7 +58,7 @@ class FewStepMethod(L.LightningModule):
         self.backbone: Any = None
         self.iteration = 0
         self.stream_pos = 0
-        self.updates: dict[str, int] = {r: 0 for r in self.trainable_roles}
+        self.updates: dict[str, int] = dict.fromkeys(self.trainable_roles, 0)
         if self.rewards is not None:
             self.rewards.requires_grad_(False)
         if self.reward_driven and (self.rewards is None or len(self.rewards) == 0):

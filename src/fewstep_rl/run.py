@@ -13,6 +13,7 @@ Layers, later wins: the packaged preset ``configs/<method>/<world>.yaml`` (when 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -249,10 +250,8 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("fewstep-rl", "torch", "lightning", "diffusers", "transformers", "peft", "numpy"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out
 
 

@@ -1,0 +1,1 @@
+"""YAML presets, shipped as package data: configs/<method>/<world>.yaml."""
