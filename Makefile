@@ -32,7 +32,10 @@ test-slow: install ## run only the slow tests
 
 lint: install ## ruff + import-linter layer contracts
 	$(VENV)/bin/ruff check src methods rewards tests benchmarks
-	$(VENV)/bin/lint-imports
+	@# import-linter reads the package from disk; the editable install maps methods/ and rewards/ into
+	@# fewstep_rl only at import time, so check a real (wheel-layout) install in a scratch directory.
+	rm -rf build/lint && $(PIP) install -q --no-deps --no-build-isolation --target build/lint . >/dev/null
+	cd build/lint && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
 
 bench: install ## per-method step time vs. its own network passes, and peak memory
 	$(PY) benchmarks/bench_methods.py

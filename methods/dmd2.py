@@ -36,7 +36,7 @@ Deviations from the paper:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -62,6 +62,9 @@ class DMD2Config:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     fake_updates_per_gen: int = knob(5, "TTUR: fake-score updates per generator update")
     guidance: float | None = knob(None, "teacher CFG scale ω in the DMD loss (default: the world's)")
+    dmd_normalizer: Literal["sample", "batch"] = knob(
+        "sample", "DMD normaliser mean|x0 − x0_teacher|: per sample (paper) or over the batch (low-dim worlds)"
+    )
     t_min: float = knob(0.02, "lower bound of the DMD re-noising level")
     t_max: float = knob(0.98, "upper bound of the DMD re-noising level")
     grad_clip: float = knob(10.0, "gradient-norm clip of both roles (0 = off)")
@@ -120,7 +123,7 @@ class DMD2(FewStepMethod):
             with torch.no_grad():
                 x0_teacher = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "teacher", self.guidance))
                 x0_fake = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "fake_score"))
-            loss_g = dmd_loss(x0, x0_fake, x0_teacher)
+            loss_g = dmd_loss(x0, x0_fake, x0_teacher, cfg.dmd_normalizer)
             metrics["generator/loss"] = loss_g.detach()
             metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.grad_clip)
             self.ema_update(self.ema)
