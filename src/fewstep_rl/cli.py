@@ -64,7 +64,7 @@ def _parse(argv: list[str], flags: dict[str, str]) -> tuple[dict[str, Any], dict
                 opts[key].append(val)
             else:
                 opts[key] = val
-        elif "." in key:
+        elif "." in key or key == "rewards":  # dotted override, or the whole rewards list
             try:
                 over[key] = yaml.safe_load(val) if val != "" else ""
             except yaml.YAMLError:

@@ -217,7 +217,12 @@ def build_rewards(resolved: Resolved, world: Any) -> Any:
 def _multi_reward(specs: list[tuple[str, type, Any, float]], world: Any) -> Any:
     from fewstep_rl.rewards import MultiReward
 
-    rewards = [cls(cfg) for _, cls, cfg, _ in specs]
+    rewards = []
+    for name, cls, cfg, _ in specs:
+        try:
+            rewards.append(cls(cfg))
+        except (OSError, ValueError, KeyError) as e:  # missing weights, bad files: one clear line
+            raise ConfigError(f"reward {name!r}: {e}") from None
     for r in rewards:
         check = getattr(world, "check_reward", None)
         if check is not None:

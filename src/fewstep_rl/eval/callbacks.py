@@ -11,6 +11,7 @@ import torch
 
 from fewstep_rl.eval.evaluate import score_samples
 from fewstep_rl.eval.generate import cycle_prompts
+from fewstep_rl.eval.plots import plot_curves
 
 
 def evaluate_method(method: Any, n: int, seed: int, steps: int | None = None) -> tuple[dict[str, float], Any, list]:
@@ -48,10 +49,18 @@ class RunCallback(L.Callback):
                 trainer.logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=done)
             with open(self.run_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"iteration": done, **metrics}) + "\n")
+            plot_curves(self.run_dir)
             log_samples = getattr(module.world, "log_samples", None)
             if log_samples is not None:
                 log_samples(samples, prompts, self.run_dir, done)
         return metrics
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        if trainer.ckpt_path is None:  # a fresh run: start the curves, with the untrained generator at iteration 0
+            if trainer.is_global_zero:
+                (self.run_dir / "eval.jsonl").unlink(missing_ok=True)
+            if self.eval_every:
+                self._evaluate(trainer, module, 0)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         done = int(batch["pos"]) + 1
