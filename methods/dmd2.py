@@ -31,6 +31,12 @@ Deviations from the paper:
     * One rollout per iteration feeds both updates (the reference code does the same: the guidance model is trained
       on the generator's detached output of the same step).
     * The fake score's t is sampled uniformly in σ (flow convention) rather than over DDPM timesteps.
+    * ``backward_simulation: false`` (used by the toy2d preset) always runs the full K-step chain and trains only its
+      last step, so the fake score models exactly the distribution that is sampled. With the random stop the fake
+      score models the *mixture* of the k-step outputs, and in toy2d the hard one-step output (k = 1) biases the
+      generator's final output: measured energy distance to the teacher 0.025 vs 0.003 after 3000 iterations.
+    * ``dmd_normalizer: batch`` divides by the batch mean of |x̂0 − x̂0_T| instead of the per-sample mean (the per-sample
+      weight has infinite variance in 2-D); the fixed point is unchanged.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ class DMD2Config:
     num_steps: int = knob(4, "generator sampling steps K")
     shift: float = knob(1.0, "static schedule shift γ of the generator's σ-grid (SD3: 3.0)")
     transition: str = knob("cps(1.0)", "generator chain transition: cps(1.0) = predict x0 and re-noise (DMD2)")
-    backward_simulation: bool = knob(True, "train on the generator's own chain with a random stop index")
+    backward_simulation: bool = knob(
+        True, "random stop index k in 1..K (DMD2); false: always the full K-step chain, gradient on its last step"
+    )
     lr: float = knob(1e-3, "learning rate of generator and fake score")
     lr_fake_score: float | None = knob(None, "fake-score learning rate (default: lr)")
     adam_betas: list[float] = knob([0.0, 0.99], "AdamW betas (DMD2 SDXL uses (0.0, 0.999) for the GAN setup)")
@@ -69,6 +77,7 @@ class DMD2Config:
     t_max: float = knob(0.98, "upper bound of the DMD re-noising level")
     grad_clip: float = knob(10.0, "gradient-norm clip of both roles (0 = off)")
     ema_decay: float = knob(0.99, "generator EMA decay per generator update")
+    ema_warmup: bool = knob(False, "EMA decay min((1+n)/(10+n), ema_decay) over the first updates (methods.md §1.6)")
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or self.fake_updates_per_gen < 1 or self.batch_size < 1:
@@ -92,7 +101,7 @@ class DMD2(FewStepMethod):
     def __init__(self, cfg: DMD2Config, world: Any, rewards: Any = None, seed: int = 0, run_config: dict | None = None):
         super().__init__(cfg, world, rewards, seed, run_config)
         self.chain = Transition.parse(cfg.transition)
-        self.ema = EMA("ema", "generator", cfg.ema_decay)
+        self.ema = EMA("ema", "generator", cfg.ema_decay, warmup=cfg.ema_warmup)
         self.guidance = cfg.guidance if cfg.guidance is not None else float(world.teacher_guidance)
 
     def sampling_transition(self) -> Transition:

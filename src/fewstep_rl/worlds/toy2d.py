@@ -150,6 +150,15 @@ class Toy2DWorld(World):
         logw = torch.log(wt.clamp_min(0)) + log_gain[None]
         return means, torch.softmax(logw, dim=1)
 
+    def check_reward(self, reward: Reward) -> None:
+        """Raise ValueError when a configured reward does not fit this world's dimension."""
+        if isinstance(reward, LinearReward):
+            self._as_direction(reward.cfg.w)
+        elif isinstance(reward, RegionReward) and not len(reward.cfg.low) == len(reward.cfg.high) == self.dim:
+            raise ValueError(f"toy2d: region low/high need {self.dim} entries each, got {reward.cfg.low}, {reward.cfg.high}")
+        elif reward.name == "proxy" or reward.name == "gold":
+            raise ValueError("this reward scores images; toy2d samples are points (use linear or region)")
+
     def _as_direction(self, w: Sequence[float] | Tensor) -> Tensor:
         wv = torch.as_tensor(w, dtype=torch.float64).reshape(-1)
         if wv.numel() != self.dim:

@@ -294,6 +294,13 @@ def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0
         return lo + (hi - lo) * torch.rand(b, *shape, generator=g)
 
     x = x.clone()
+    flow = F.interpolate(torch.randn(b, 2, 4, 4, generator=g), size=(h, w), mode="bilinear", align_corners=False)
+    flow = flow * u(0.3, 1.5).view(b, 1, 1, 1) * (2 / w)  # a smooth displacement of ~1 px
+    base = torch.stack(torch.meshgrid(torch.linspace(-1 + 1 / h, 1 - 1 / h, h), torch.linspace(-1 + 1 / w, 1 - 1 / w, w),
+                                      indexing="ij")[::-1], -1)
+    grid = base[None] + flow.permute(0, 2, 3, 1)
+    warped = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    x = torch.where(pick(0.3), warped, x)  # jagged, distorted shapes (nearest sampling keeps flat colours)
     a = u(0.25, 0.85).view(b, 1, 1, 1)
     x = torch.where(pick(0.12), a * x + (1 - a) * others, x)  # blend / average of two renders
     blobs = _blob_layer(b, h, g)
@@ -306,10 +313,10 @@ def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0
     on = x.amax(1, keepdim=True) > 0.05
     dil = F.max_pool2d(x, 3, 1, 1)
     ring = ~on & (dil.amax(1, keepdim=True) > 0.05) & (torch.rand(b, 1, h, w, generator=g) < u(0.1, 0.6).view(b, 1, 1, 1))
-    x = torch.where(pick(0.15) & ring, dil * u(0.4, 1.0).view(b, 1, 1, 1), x)  # grow edges
+    x = torch.where(pick(0.2) & ring, dil * u(0.4, 1.0).view(b, 1, 1, 1), x)  # grow edges
     inner = on & (F.max_pool2d((~on).float(), 3, 1, 1) > 0)
     ero = inner & (torch.rand(b, 1, h, w, generator=g) < u(0.1, 0.6).view(b, 1, 1, 1))
-    x = torch.where(pick(0.15) & ero, x * u(0.0, 0.6).view(b, 1, 1, 1), x)  # eat edges
+    x = torch.where(pick(0.2) & ero, x * u(0.0, 0.6).view(b, 1, 1, 1), x)  # eat edges
     x = torch.where(pick(0.2), x * u(0.35, 1.0).view(b, 1, 1, 1), x)  # dim everything
     gain, off = u(0.6, 1.25, 3, 1, 1), u(-0.2, 0.2, 3, 1, 1)
     x = torch.where(pick(0.25), x * gain + off * (torch.rand(b, 1, 1, 1, generator=g) < 0.5), x)  # colour jitter
@@ -334,7 +341,25 @@ def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0
     return x.clamp(0, 1)
 
 
-def make_batch(n: int, seed: int, prompts: Sequence[str] | None = None, p_degrade: float = 0.7) -> tuple[Tensor, list[str], Tensor]:
+_LR = {"left of": "right of", "right of": "left of"}
+
+
+def mirror_lr(prompt: str) -> str:
+    """The prompt of the horizontally flipped scene: ``"left of"`` ↔ ``"right of"`` (anything else unchanged).
+
+    Every shape of the grammar is left–right symmetric and the verifier's relation test is mirror-symmetric, so
+    ``verify(image.flip(-1), mirror_lr(p)) == verify(image, p)`` exactly; :func:`make_batch` uses this to double a
+    batch without re-running the verifier.
+    """
+    spec = grammar.parse(prompt)
+    if spec.relation is None or spec.relation.relation not in _LR:
+        return grammar.format_prompt(spec)
+    return grammar.format_prompt(grammar.PromptSpec(spec.objects, spec.relation._replace(relation=_LR[spec.relation.relation])))
+
+
+def make_batch(
+    n: int, seed: int, prompts: Sequence[str] | None = None, p_degrade: float = 0.7, mirror: bool = False
+) -> tuple[Tensor, list[str], Tensor]:
     """One training (or evaluation) batch of (image, prompt, gold score) triples.
 
     Image sources per example: the prompt's own render (40%), a hard negative's render (25%, :func:`perturb`),
@@ -347,9 +372,10 @@ def make_batch(n: int, seed: int, prompts: Sequence[str] | None = None, p_degrad
         seed: seed of the batch (numpy and torch generators are derived from it).
         prompts: prompt pool; ``None`` for the whole grammar (single-group prompts drawn 40% of the time).
         p_degrade: fraction of images degraded.
+        mirror: append the ``n`` horizontally flipped images with :func:`mirror_lr` prompts (same exact labels).
 
     Returns:
-        ``(images (n, 3, 16, 16), prompts, gold scores (n,))``.
+        ``(images (m, 3, 16, 16), prompts, gold scores (m,))`` with ``m = n``, or ``2n`` when ``mirror``.
     """
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -381,6 +407,8 @@ def make_batch(n: int, seed: int, prompts: Sequence[str] | None = None, p_degrad
     mask = torch.from_numpy(rng.random(n) < p_degrade).view(n, 1, 1, 1)
     imgs = torch.where(mask, deg, imgs)
     gold, _, _ = verify.score_batch(imgs, chosen)
+    if mirror:
+        return torch.cat([imgs, imgs.flip(-1)]), chosen + [mirror_lr(p) for p in chosen], torch.cat([gold, gold])
     return imgs, chosen, gold
 
 
@@ -504,7 +532,7 @@ def train_proxy(
         pool = ThreadPoolExecutor(max_workers=1)  # renders + verifies the next batch while this one trains
 
         def data(step: int) -> Future:
-            return pool.submit(make_batch, batch, seed * 1_000_003 + 7_919 * step + 17)
+            return pool.submit(make_batch, batch // 2, seed * 1_000_003 + 7_919 * step + 17, mirror=True)
 
         nxt = data(0)
         for step in bar:
