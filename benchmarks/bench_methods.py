@@ -33,14 +33,12 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
     import lightning as L
     import torch
 
-    from fewstep_rl.data.prompts import PromptDataModule
-    from fewstep_rl.run import build_method, build_trainer, resolve
+    from fewstep_rl.run import assemble, resolve
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
     over = {"trainer.max_steps": warmup + iters + 1, "trainer.run_dir": str(run_dir), "trainer.progress_bar": False,
             "trainer.eval_samples": 16, **overrides}
     resolved = resolve(method, world, (), over)
-    module = build_method(resolved)
     calls: list[tuple[str | None, tuple, bool]] = []
     times: list[float] = []
 
@@ -61,9 +59,7 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
             if warmup <= pos < warmup + iters:
                 times.append(time.perf_counter() - self.t)
 
-    tc = resolved.trainer
-    dm = PromptDataModule(module.world.train_prompts, *module.batch_spec(), seed=tc.seed)
-    trainer = build_trainer(tc, run_dir, [Timer()])
+    module, dm, trainer = assemble(resolved, run_dir, [Timer()], run_callback=False)
     trainer.fit(module, datamodule=dm)
     bb = module.backbone
     del bb._predict  # back to the class method

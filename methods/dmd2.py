@@ -65,6 +65,7 @@ class DMD2Config:
         True, "random stop index k in 1..K (DMD2); false: always the full K-step chain, gradient on its last step"
     )
     lr: float = knob(1e-3, "learning rate of generator and fake score")
+    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run (both roles)")
     lr_fake_score: float | None = knob(None, "fake-score learning rate (default: lr)")
     adam_betas: list[float] = knob([0.0, 0.99], "AdamW betas (DMD2 SDXL uses (0.0, 0.999) for the GAN setup)")
     weight_decay: float = knob(0.0, "AdamW weight decay")

@@ -62,7 +62,9 @@ class ProxyReward(Reward):
 class GoldConfig:
     """Knobs of :class:`GoldReward`."""
 
-    strict: bool = knob(False, "score 1/0 for all-correct images (GenEval's binary correctness) instead of partial credit")
+    strict: bool = knob(
+        False, "score 1/0 for all-correct images (GenEval's binary correctness) instead of partial credit"
+    )
 
 
 class GoldReward(Reward):

@@ -8,6 +8,7 @@
                    [--guidance G] [--seed S] --out F
     fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
     fewstep-rl list methods|rewards|worlds
+    fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--minutes M] [--out DIR]
 
 Departure from architecture.md §3 (which names LightningCLI): the parser is our own, over typed dataclasses,
 because the public config layout (``method``/``world``/``rewards``/``trainer`` sections, ``--method.KEY``
@@ -135,9 +136,8 @@ def cmd_fit(argv: list[str]) -> int:
 def _fit(resolved: Any, ckpt_path: str | None) -> int:
     import torch
 
-    from fewstep_rl.data.prompts import PromptDataModule
     from fewstep_rl.eval.callbacks import RunCallback
-    from fewstep_rl.run import build_method, build_trainer, default_run_dir, write_run_files
+    from fewstep_rl.run import assemble, default_run_dir, write_run_files
 
     tc = resolved.trainer
     run_dir = Path(tc.run_dir or os.environ.get("FEWSTEP_RUN_DIR") or default_run_dir(resolved))
@@ -147,10 +147,8 @@ def _fit(resolved: Any, ckpt_path: str | None) -> int:
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     if rank0:
         write_run_files(run_dir, resolved)
-    method = build_method(resolved)
-    dm = PromptDataModule(method.world.train_prompts, *method.batch_spec(), seed=tc.seed)
-    cb = RunCallback(run_dir, tc.eval_every, tc.eval_samples, tc.ckpt_every, tc.seed, tc.max_steps)
-    trainer = build_trainer(tc, run_dir, [cb])
+    method, dm, trainer = assemble(resolved, run_dir, [])
+    cb = next(c for c in trainer.callbacks if isinstance(c, RunCallback))
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
@@ -299,7 +297,39 @@ def cmd_list(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list}
+# ---------------------------------------------------------------------------------------------------------- world
+WORLD_FLAGS = {"seed": "value", "teacher_steps": "value", "proxy_steps": "value", "out": "value", "minutes": "value",
+               "skip_teacher": "bool", "skip_proxy": "bool", "help": "bool"}
+
+
+def cmd_world(argv: list[str]) -> int:
+    """``fewstep-rl world shapes build``: retrain the shapes teacher and proxy from scratch and install them."""
+    if len(argv) < 2 or argv[:2] != ["shapes", "build"]:
+        raise UsageError("usage: fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] "
+                         "[--minutes M] [--out DIR] [--skip_teacher] [--skip_proxy]")
+    opts, over = _parse(argv[2:], WORLD_FLAGS)
+    if over:
+        raise UsageError(f"unexpected options {sorted(over)}")
+    if opts.get("help"):
+        print(cmd_world.__doc__)
+        return 0
+    from fewstep_rl.worlds.shapes import proxy, teacher
+    from fewstep_rl.worlds.shapes.world import ASSETS
+
+    seed = _num(opts, "seed", int, 0)
+    out = Path(opts["out"]) if opts.get("out") else ASSETS
+    work = Path("runs") / "shapes-build"  # resumable training state; never inside the package
+    if not opts.get("skip_proxy"):
+        print(json.dumps({"proxy": proxy.train_proxy(out, seed=seed, steps=_num(opts, "proxy_steps", int, 2500))}))
+    if not opts.get("skip_teacher"):
+        res = teacher.train_teacher(work, seed=seed, steps=_num(opts, "teacher_steps", int, 10000),
+                                    max_minutes=_num(opts, "minutes", float))
+        teacher.export(work, out / "teacher")
+        print(json.dumps({"teacher": res}))
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ the next unconsumed prompt batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -58,6 +59,7 @@ class FewStepMethod(L.LightningModule):
         self.backbone: Any = None
         self.iteration = 0
         self.stream_pos = 0
+        self.max_iterations: int | None = None  # set from trainer.max_steps by run.assemble
         self.updates: dict[str, int] = dict.fromkeys(self.trainable_roles, 0)
         if self.rewards is not None:
             self.rewards.requires_grad_(False)
@@ -105,6 +107,9 @@ class FewStepMethod(L.LightningModule):
     def update(self, role: str, loss: Tensor, clip: float | None = None) -> float | None:
         """One optimiser step of ``role`` on ``loss``: zero → backward → clip → step. Returns the grad norm."""
         opt = self.opt(role)
+        factor = self.lr_factor()
+        for group in opt.optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         norm = None
@@ -114,6 +119,13 @@ class FewStepMethod(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.updates[role] += 1
         return norm
+
+    def lr_factor(self) -> float:
+        """Learning-rate multiplier at this iteration: ``cfg.lr_schedule`` = ``constant`` or ``cosine`` (to 0 at
+        ``max_iterations``, the run length set by the trainer section). Keyed on the iteration, so resume-exact."""
+        if getattr(self.cfg, "lr_schedule", "constant") != "cosine" or not self.max_iterations:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(self.iteration / self.max_iterations, 1.0)))
 
     def ema_update(self, ema: EMA) -> None:
         """EMA hook: blend ``ema.source`` into ``ema.target`` after ``ema.source``'s update."""

@@ -293,6 +293,21 @@ def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list) -> Any:
     )
 
 
+def assemble(resolved: Resolved, run_dir: Path, callbacks: list, run_callback: bool = True) -> tuple[Any, Any, Any]:
+    """(method, prompt data module, Trainer) of a resolved config; ``run_callback`` adds evaluation/checkpoints."""
+    from fewstep_rl.data.prompts import PromptDataModule
+    from fewstep_rl.eval.callbacks import RunCallback
+
+    tc = resolved.trainer
+    method = build_method(resolved)
+    method.max_iterations = tc.max_steps
+    dm = PromptDataModule(method.world.train_prompts, *method.batch_spec(), seed=tc.seed)
+    if run_callback:
+        callbacks = [RunCallback(Path(run_dir), tc.eval_every, tc.eval_samples, tc.ckpt_every, tc.seed, tc.max_steps),
+                     *callbacks]
+    return method, dm, build_trainer(tc, Path(run_dir), callbacks)
+
+
 def _stop_at_cls() -> type:
     import lightning as L
 

@@ -17,9 +17,7 @@ from typing import Any
 
 import torch
 
-from fewstep_rl.data.prompts import PromptDataModule
-from fewstep_rl.eval.callbacks import RunCallback
-from fewstep_rl.run import build_method, build_trainer, resolve
+from fewstep_rl.run import assemble, resolve
 
 TINY = {"world.hidden": 32, "method.batch_size": 8, "trainer.eval_samples": 64, "trainer.progress_bar": False}
 
@@ -30,11 +28,7 @@ def run_fit(
 ) -> tuple[Any, Any, dict[str, float]]:
     """Fit ``method`` for ``steps`` iterations; returns (module, trainer, logged metrics)."""
     over = {**TINY, "trainer.max_steps": steps, "trainer.run_dir": str(run_dir), **(overrides or {})}
-    resolved = resolve(method, world, (), over)
-    module = build_method(resolved)
-    tc = resolved.trainer
-    dm = PromptDataModule(module.world.train_prompts, *module.batch_spec(), seed=tc.seed)
-    trainer = build_trainer(tc, Path(run_dir), [RunCallback(Path(run_dir), 0, tc.eval_samples, 0, tc.seed, tc.max_steps)])
+    module, dm, trainer = assemble(resolve(method, world, (), over), Path(run_dir), [])
     logged: dict[str, list[float]] = {}
 
     orig = module.log_metrics

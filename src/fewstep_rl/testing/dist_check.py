@@ -18,8 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from fewstep_rl.data.prompts import PromptDataModule
-from fewstep_rl.run import build_method, build_trainer, resolve
+from fewstep_rl.run import assemble, resolve
 from fewstep_rl.testing.contract import TINY
 
 
@@ -52,11 +51,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     over = {**TINY, "trainer.devices": 2, "trainer.strategy": args.strategy, "trainer.accelerator": "cpu",
             "trainer.max_steps": args.steps, "trainer.run_dir": str(out)}
-    resolved = resolve(args.method, "toy2d", (), over)
-    module = build_method(resolved)
-    tc = resolved.trainer
-    dm = PromptDataModule(module.world.train_prompts, *module.batch_spec(), seed=tc.seed)
-    trainer = build_trainer(tc, out, [Checksums(out)])
+    module, dm, trainer = assemble(resolve(args.method, "toy2d", (), over), out, [Checksums(out)], run_callback=False)
     trainer.fit(module, datamodule=dm)
     trainer.save_checkpoint(out / "last.ckpt")
 

@@ -255,7 +255,10 @@ def _blob_layer(n: int, size: int, g: torch.Generator) -> Tensor:
     for i in range(n):
         for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
             bh, bw = (int(v) for v in torch.randint(1, 7, (2,), generator=g))
-            y, x = int(torch.randint(0, size - bh + 1, (1,), generator=g)), int(torch.randint(0, size - bw + 1, (1,), generator=g))
+            y, x = (
+                int(torch.randint(0, size - bh + 1, (1,), generator=g)),
+                int(torch.randint(0, size - bw + 1, (1,), generator=g)),
+            )
             if torch.rand(1, generator=g) < 0.6:
                 col = palette[int(torch.randint(len(palette), (1,), generator=g))]
             else:
@@ -296,8 +299,12 @@ def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0
     x = x.clone()
     flow = F.interpolate(torch.randn(b, 2, 4, 4, generator=g), size=(h, w), mode="bilinear", align_corners=False)
     flow = flow * u(0.3, 1.5).view(b, 1, 1, 1) * (2 / w)  # a smooth displacement of ~1 px
-    base = torch.stack(torch.meshgrid(torch.linspace(-1 + 1 / h, 1 - 1 / h, h), torch.linspace(-1 + 1 / w, 1 - 1 / w, w),
-                                      indexing="ij")[::-1], -1)
+    base = torch.stack(
+        torch.meshgrid(
+            torch.linspace(-1 + 1 / h, 1 - 1 / h, h), torch.linspace(-1 + 1 / w, 1 - 1 / w, w), indexing="ij"
+        )[::-1],
+        -1,
+    )
     grid = base[None] + flow.permute(0, 2, 3, 1)
     warped = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     x = torch.where(pick(0.3), warped, x)  # jagged, distorted shapes (nearest sampling keeps flat colours)
@@ -312,7 +319,9 @@ def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0
     x = torch.where(pick(0.15) & erase, torch.zeros(()), x)  # partially erased objects
     on = x.amax(1, keepdim=True) > 0.05
     dil = F.max_pool2d(x, 3, 1, 1)
-    ring = ~on & (dil.amax(1, keepdim=True) > 0.05) & (torch.rand(b, 1, h, w, generator=g) < u(0.1, 0.6).view(b, 1, 1, 1))
+    ring = (
+        ~on & (dil.amax(1, keepdim=True) > 0.05) & (torch.rand(b, 1, h, w, generator=g) < u(0.1, 0.6).view(b, 1, 1, 1))
+    )
     x = torch.where(pick(0.2) & ring, dil * u(0.4, 1.0).view(b, 1, 1, 1), x)  # grow edges
     inner = on & (F.max_pool2d((~on).float(), 3, 1, 1) > 0)
     ero = inner & (torch.rand(b, 1, h, w, generator=g) < u(0.1, 0.6).view(b, 1, 1, 1))
@@ -322,7 +331,9 @@ def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0
     x = torch.where(pick(0.25), x * gain + off * (torch.rand(b, 1, 1, 1, generator=g) < 0.5), x)  # colour jitter
     x = torch.where(pick(0.3), _gauss_blur(x, u(0.35, 1.1)), x)  # blur
     drop = torch.rand(b, 1, h, w, generator=g) < u(0.02, 0.45).view(b, 1, 1, 1)
-    fill = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.5, torch.zeros(b, 3, h, w), torch.rand(b, 3, h, w, generator=g))
+    fill = torch.where(
+        torch.rand(b, 1, 1, 1, generator=g) < 0.5, torch.zeros(b, 3, h, w), torch.rand(b, 3, h, w, generator=g)
+    )
     x = torch.where(pick(0.12) & drop, fill, x)  # pixel dropout
     std = u(0.01, 0.3).view(b, 1, 1, 1)
     x = torch.where(pick(0.4), x + std * torch.randn(x.shape, generator=g), x)  # Gaussian noise
@@ -354,7 +365,9 @@ def mirror_lr(prompt: str) -> str:
     spec = grammar.parse(prompt)
     if spec.relation is None or spec.relation.relation not in _LR:
         return grammar.format_prompt(spec)
-    return grammar.format_prompt(grammar.PromptSpec(spec.objects, spec.relation._replace(relation=_LR[spec.relation.relation])))
+    return grammar.format_prompt(
+        grammar.PromptSpec(spec.objects, spec.relation._replace(relation=_LR[spec.relation.relation]))
+    )
 
 
 def make_batch(
@@ -362,8 +375,8 @@ def make_batch(
 ) -> tuple[Tensor, list[str], Tensor]:
     """One training (or evaluation) batch of (image, prompt, gold score) triples.
 
-    Image sources per example: the prompt's own render (40%), a hard negative's render (25%, :func:`perturb`),
-    a random other prompt's render (20%), a render at an odd object size (4 or 6 px, 10%), a blank or pure-noise
+    Image sources per example: the prompt's own render (40%), a hard negative's render (30%, :func:`perturb`),
+    a random other prompt's render (15%), a render at an odd object size (4 or 6 px, 10%), a blank or pure-noise
     image (5%). A fraction ``p_degrade`` then goes through :func:`degrade`. Labels are the verifier's scores of the
     final images against the prompts.
 
@@ -381,11 +394,14 @@ def make_batch(
     g = torch.Generator().manual_seed(seed)
     if prompts is None:
         singles, rels = grammar.single_prompts(), grammar.relational_prompts()
-        chosen = [singles[rng.integers(len(singles))] if rng.random() < 0.4 else rels[rng.integers(len(rels))] for _ in range(n)]
+        chosen = [
+            singles[rng.integers(len(singles))] if rng.random() < 0.4 else rels[rng.integers(len(rels))]
+            for _ in range(n)
+        ]
     else:
         chosen = [prompts[i] for i in rng.integers(len(prompts), size=n)]
     pool = grammar.all_prompts()
-    kind = rng.choice(5, size=n, p=[0.4, 0.25, 0.2, 0.1, 0.05])
+    kind = rng.choice(5, size=n, p=[0.4, 0.3, 0.15, 0.1, 0.05])
     imgs = torch.zeros(n, 3, 16, 16)
     for i, (p, k) in enumerate(zip(chosen, kind)):
         if k == 0:
@@ -485,7 +501,7 @@ def evaluate_proxy(net: ProxyNet, n: int = 2048, seed: int = 1_000_003, batch: i
 def train_proxy(
     out_dir: str | Path,
     seed: int = 0,
-    steps: int = 2500,
+    steps: int = 1800,
     batch: int = 128,
     lr: float = 2e-3,
     eval_n: int = 2048,
@@ -636,7 +652,9 @@ def load_proxy(path: str | Path | None = None, device: str | torch.device = "cpu
     try:
         net.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:
-        raise ValueError(f"shapes proxy: weights in {str(weights)!r} do not match the architecture in proxy.json: {e}") from None
+        raise ValueError(
+            f"shapes proxy: weights in {str(weights)!r} do not match the architecture in proxy.json: {e}"
+        ) from None
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -646,7 +664,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="train the shapes proxy reward")
     ap.add_argument("--out", default=str(ASSETS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
