@@ -6,10 +6,10 @@ For every method, in a fresh subprocess (so peak memory is the method's own):
 
 1. build the method from its preset through the real assembly code and train it with a Trainer for ``warmup``
    iterations, then time ``iters`` iterations (``time.perf_counter`` around each training batch);
-2. record every backbone forward of one steady-state iteration (role, input shape, whether grad was on), then time
-   exactly those passes alone in the same process: a forward for no-grad calls, forward + backward of the output
-   for grad calls (the step's backward passes run through the same networks);
-3. report median iteration time, the summed network time, the overhead (iteration − network: sampling math, loss
+2. record every backbone forward of the timed iterations (role, input shape, whether grad was on), then time each
+   distinct pass alone in the same process (median of 5): a forward for no-grad calls, forward + backward of the
+   output for grad calls (the step's backward passes run through the same networks);
+3. report the mean iteration time, the network time per iteration, the overhead (iteration − network: sampling, loss
    functions, optimiser steps, EMA, Lightning), the number of passes, and the peak resident memory
    (``ru_maxrss``; on CUDA also ``torch.cuda.max_memory_allocated``).
 
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -40,24 +41,28 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
             "trainer.eval_samples": 16, **overrides}
     resolved = resolve(method, world, (), over)
     calls: list[tuple[str | None, tuple, bool]] = []
+    recording = [False]
     times: list[float] = []
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
             self.t = time.perf_counter()
-            if int(batch["pos"]) == warmup + iters:  # record the passes of one steady-state iteration
+            if int(batch["pos"]) == warmup:  # record the passes of every timed iteration
                 orig = pl_module.backbone._predict
 
                 def rec(x, sigma, cond, role):  # noqa: ANN001
-                    calls.append((role, tuple(x.shape), torch.is_grad_enabled()))
+                    if recording[0]:
+                        calls.append((role, tuple(x.shape), torch.is_grad_enabled()))
                     return orig(x, sigma, cond, role)
 
                 pl_module.backbone._predict = rec
+            recording[0] = warmup <= int(batch["pos"]) < warmup + iters
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
             pos = int(batch["pos"])
             if warmup <= pos < warmup + iters:
                 times.append(time.perf_counter() - self.t)
+            recording[0] = False
 
     module, dm, trainer = assemble(resolved, run_dir, [Timer()], run_callback=False)
     trainer.fit(module, datamodule=dm)
@@ -66,7 +71,7 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
     # time the recorded passes alone
     prompts = module.world.train_prompts
     net = 0.0
-    for role, shape, grad in calls:
+    for (role, shape, grad), count in Counter(calls).items():  # each distinct pass timed alone, times its count
         cond = bb.encode_prompts([prompts[i % len(prompts)] for i in range(shape[0])])
         x = torch.randn(shape)
         sigma = torch.rand(shape[0]) * 0.9 + 0.05
@@ -80,11 +85,11 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
             reps.append(time.perf_counter() - t)
         for p in bb.parameters():
             p.grad = None
-        net += statistics.median(reps)
-    step = statistics.median(times)
+        net += statistics.median(reps) * count / iters
+    step = statistics.mean(times)  # mean: TTUR makes iterations unequal; passes are averaged the same way
     res = {
         "method": method, "world": world, "iter_ms": 1e3 * step, "network_ms": 1e3 * net,
-        "overhead_ms": 1e3 * (step - net), "passes": len(calls), "grad_passes": sum(g for *_, g in calls),
+        "overhead_ms": 1e3 * (step - net), "passes": len(calls) / iters, "grad_passes": sum(g for *_, g in calls) / iters,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "batch": module.batch_spec()[0] * module.batch_spec()[1],
     }
@@ -125,11 +130,11 @@ def main() -> None:
             print(f"{m}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    print("| method | world | batch | iteration ms | network passes ms | overhead ms | passes (grad) | peak RSS MB |")
+    print("| method | world | batch | iteration ms | network passes ms | overhead ms | passes/iter (grad) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['world']} | {r['batch']} | {r['iter_ms']:.1f} | {r['network_ms']:.1f} | "
-              f"{r['overhead_ms']:.1f} | {r['passes']} ({r['grad_passes']}) | {r['peak_rss_mb']:.0f} |")
+              f"{r['overhead_ms']:.1f} | {r['passes']:.1f} ({r['grad_passes']:.1f}) | {r['peak_rss_mb']:.0f} |")
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
 

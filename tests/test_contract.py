@@ -43,7 +43,7 @@ def test_checkpoint_holds_only_role_weights(method, tmp_path):
 def test_resume_reproduces_next_steps_bit_for_bit(method, tmp_path):
     full, _, _ = run_fit(method, tmp_path / "full", steps=7)
     ck = tmp_path / "part" / "k.ckpt"
-    run_fit(method, tmp_path / "part", steps=3, save_as=str(ck))
+    run_fit(method, tmp_path / "part", steps=7, interrupt_after=3, save_as=str(ck))
     resumed, _, _ = run_fit(method, tmp_path / "resumed", steps=7, ckpt_path=str(ck))
     a, b = role_state(full), role_state(resumed)
     for role in a:

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from fewstep_rl.eval.callbacks import evaluate_method
 from fewstep_rl.testing.contract import run_fit
@@ -15,17 +14,18 @@ def _energy(module, n=2000):
 
 
 def test_dmd2_moves_generator_toward_teacher(tmp_path):
-    """A short run on the toy2d preset (batch 256): the EMA generator's energy distance to the teacher at least
-    halves from its starting value (the teacher's own x0-predict-and-renoise chain, which shrinks variance)."""
+    """A short run on the toy2d preset (batch 256, 600 iterations, TTUR 2): the EMA generator's energy distance to the
+    teacher at least halves from its starting value (the teacher's own x0-predict-and-renoise chain, which shrinks
+    variance)."""
     from fewstep_rl.run import build_method, resolve
 
-    torch.set_num_threads(2)
     over = {"trainer.progress_bar": False}
     start = build_method(resolve("dmd2", "toy2d", (), over))
     start.configure_model()
     e0, _ = _energy(start)
-    module, _, logged = run_fit("dmd2", tmp_path, steps=800, overrides={"method.batch_size": 256, "world.hidden": 128,
-                                                                         "method.ema_warmup": True})
+    over = {"method.batch_size": 256, "world.hidden": 128, "method.fake_updates_per_gen": 2,
+            "method.lr_schedule": "constant"}
+    module, _, logged = run_fit("dmd2", tmp_path, steps=600, overrides=over)
     e1, floor = _energy(module)
     assert logged["_all_finite"] == 1.0
     assert e1 < 0.5 * e0, (e0, e1, floor)

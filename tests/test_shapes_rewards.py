@@ -92,8 +92,8 @@ def test_spearman_hand_checked():
     assert proxy.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert proxy.spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)
     assert proxy.rankdata([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
-    # ranks x = (1, 2.5, 2.5, 4), y = (1, 2, 3, 4): Pearson of the ranks = 2.5 / sqrt(4.5 · 5)
-    assert proxy.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(2.5 / math.sqrt(22.5))
+    # ranks x = (1, 2.5, 2.5, 4), y = (1, 2, 3, 4); centred: (-1.5, 0, 0, 1.5), (-1.5, -.5, .5, 1.5) → 4.5 / √(4.5 · 5)
+    assert proxy.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
     assert math.isnan(proxy.spearman([1, 1, 1], [1, 2, 3]))
     assert proxy.pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])) == pytest.approx(1.0)
 

@@ -24,11 +24,22 @@ TINY = {"world.hidden": 32, "method.batch_size": 8, "trainer.eval_samples": 64, 
 
 def run_fit(
     method: str, run_dir: Path, steps: int, world: str = "toy2d", overrides: dict[str, Any] | None = None,
-    ckpt_path: str | None = None, save_as: str | None = None,
+    ckpt_path: str | None = None, save_as: str | None = None, interrupt_after: int | None = None,
 ) -> tuple[Any, Any, dict[str, float]]:
-    """Fit ``method`` for ``steps`` iterations; returns (module, trainer, logged metrics)."""
+    """Fit ``method`` for ``steps`` iterations; returns (module, trainer, logged metrics).
+
+    ``interrupt_after=k`` stops the run after k iterations as if it had been killed (the configured run length,
+    and so every schedule, stays ``steps``).
+    """
+    import lightning as L
+
+    class Interrupt(L.Callback):
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if interrupt_after is not None and int(batch["pos"]) + 1 >= interrupt_after:
+                trainer.should_stop = True
+
     over = {**TINY, "trainer.max_steps": steps, "trainer.run_dir": str(run_dir), **(overrides or {})}
-    module, dm, trainer = assemble(resolve(method, world, (), over), Path(run_dir), [])
+    module, dm, trainer = assemble(resolve(method, world, (), over), Path(run_dir), [Interrupt()])
     logged: dict[str, list[float]] = {}
 
     orig = module.log_metrics
