@@ -149,7 +149,12 @@ def _fit(resolved: Any, ckpt_path: str | None) -> int:
         write_run_files(run_dir, resolved)
     method, dm, trainer = assemble(resolved, run_dir, [])
     cb = next(c for c in trainer.callbacks if isinstance(c, RunCallback))
-    trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
+    from fewstep_rl.backbones.base import BackboneLoadError
+
+    try:
+        trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
+    except BackboneLoadError as e:  # raised while building roles in configure_model: one clear line
+        raise ConfigError(str(e)) from None
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}", file=sys.stderr)
@@ -176,7 +181,12 @@ def load_checkpoint(path: str, device: str = "cpu") -> Any:
         raise UsageError(f"{path} is not a fewstep-rl checkpoint (no 'fewstep' section)")
     resolved = resolve(None, raw=state["config"])
     method = build_method(resolved)
-    method.configure_model()
+    from fewstep_rl.backbones.base import BackboneLoadError
+
+    try:
+        method.configure_model()
+    except BackboneLoadError as e:
+        raise UsageError(str(e)) from None
     method.on_load_checkpoint(ckpt)
     method.load_state_dict(ckpt["state_dict"], strict=False)
     method.to(device).eval()
@@ -187,8 +197,13 @@ def _teacher(opts: dict, over: dict) -> tuple[Any, Any, Any]:
     """(world, backbone, resolved) for ``--teacher`` runs (no method, frozen base)."""
     from fewstep_rl.run import resolve_world
 
+    from fewstep_rl.backbones.base import BackboneLoadError
+
     world, rewards = resolve_world(opts.get("world"), tuple(opts.get("config") or ()), over)
-    backbone = world.build_backbone()
+    try:
+        backbone = world.build_backbone()
+    except BackboneLoadError as e:
+        raise UsageError(str(e)) from None
     backbone.eval()
     return world, backbone, rewards
 

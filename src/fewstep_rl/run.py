@@ -172,7 +172,10 @@ def resolve(
 def resolve_rewards(specs: Any, world_cls: type, world_cfg: Any) -> list[tuple[str, type, Any, float]]:
     """Validate reward specs (default: the world's default rewards)."""
     if specs is None:
-        specs = world_cls(world_cfg).default_rewards()
+        try:
+            specs = world_cls(world_cfg).default_rewards()
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"world: {e}") from None
     if not isinstance(specs, list):
         raise ConfigError("'rewards' must be a list of {name: ..., weight: ..., <reward keys>}")
     rewards = []
@@ -235,7 +238,10 @@ def _multi_reward(specs: list[tuple[str, type, Any, float]], world: Any) -> Any:
 
 def build_method(resolved: Resolved) -> Any:
     """World, rewards and the method module (roles are built later, in ``configure_model``)."""
-    world = resolved.world_cls(resolved.world)
+    try:
+        world = resolved.world_cls(resolved.world)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"world {resolved.world_name!r}: {e}") from None
     rewards = build_rewards(resolved, world)
     try:
         return resolved.method_cls(

@@ -21,6 +21,10 @@ from torch import Tensor, nn
 BASE_ROLES = ("teacher", "reference")
 
 
+class BackboneLoadError(ValueError):
+    """A backbone directory with a missing or mismatched component; the message names the file."""
+
+
 class Backbone(nn.Module, ABC):
     """Frozen base denoiser + text conditioning + optional decoder, with named role adapters.
 

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep_rl.backbones.base import Backbone
+from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.sd3_text import sd3_prompt_embeds
 from fewstep_rl.sampling.noise import stable_hash
 
@@ -65,8 +65,6 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch
 _TRANSFORMERS_WEIGHTS = ("model*.safetensors", "pytorch_model*.bin")
 
 
-class BackboneLoadError(ValueError):
-    """A world directory (or a set of components) that cannot make a backbone; the message names the file."""
 
 
 class _Delta(nn.Module):

@@ -20,6 +20,10 @@ import torch
 from fewstep_rl.run import assemble, resolve
 
 TINY = {"world.hidden": 32, "method.batch_size": 8, "trainer.eval_samples": 64, "trainer.progress_bar": False}
+TINY_BY_WORLD = {
+    "toy2d": TINY,
+    "shapes": {"world.lora_rank": 2, "method.batch_size": 2, "trainer.eval_samples": 8, "trainer.progress_bar": False},
+}
 
 
 def run_fit(
@@ -38,7 +42,7 @@ def run_fit(
             if interrupt_after is not None and int(batch["pos"]) + 1 >= interrupt_after:
                 trainer.should_stop = True
 
-    over = {**TINY, "trainer.max_steps": steps, "trainer.run_dir": str(run_dir), **(overrides or {})}
+    over = {**TINY_BY_WORLD.get(world, {}), "trainer.max_steps": steps, "trainer.run_dir": str(run_dir), **(overrides or {})}
     module, dm, trainer = assemble(resolve(method, world, (), over), Path(run_dir), [Interrupt()])
     logged: dict[str, list[float]] = {}
 

@@ -273,6 +273,58 @@ def _blob_layer(n: int, size: int, g: torch.Generator) -> Tensor:
     return out
 
 
+def _shift_or(m: np.ndarray) -> np.ndarray:
+    out = m.copy()
+    out[1:] |= m[:-1]
+    out[:-1] |= m[1:]
+    out[:, 1:] |= m[:, :-1]
+    out[:, :-1] |= m[:, 1:]
+    return out
+
+
+def render_jittered(prompt: str, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    """A render with imperfect, generator-like objects: flat palette colours but jittered sizes and outlines.
+
+    The objects are placed as by :func:`render.place` with a random object size (4–7 px); each one's mask is its
+    template at a box of ±1 px per side, sometimes merged with another template, and its outline is roughened
+    (pixels just outside switched on, pixels just inside switched off, each with a random rate up to 35%).
+    Whether the verifier still recognises the shapes, counts and relations varies, which is the point.
+
+    Args:
+        prompt: the scene's prompt.
+        rng: the only source of randomness.
+        size: canvas side in pixels.
+
+    Returns:
+        ``(3, size, size)`` float32 image in [0, 1].
+    """
+    s = int(rng.choice([4, 5, 5, 6, 6, 7]))
+    try:
+        placed = render.place(prompt, rng, size, obj_size=s)
+    except RuntimeError:
+        s = 5
+        placed = render.place(prompt, rng, size, obj_size=s)
+    img = np.zeros((3, size, size), dtype=np.float32)
+    q_out, q_in = rng.uniform(0, 0.35), rng.uniform(0, 0.35)
+    for p in placed:
+        h, w = (int(np.clip(s + rng.integers(-1, 2), 3, 8)) for _ in range(2))
+        m = render.shape_mask(p.shape, h, w)
+        if rng.random() < 0.2:
+            other = render.shape_mask(str(rng.choice(grammar.SHAPES)), h, w)
+            m = (m | other) if rng.random() < 0.5 else (m & other)
+        big = np.zeros((h + 2, w + 2), dtype=bool)
+        big[1:-1, 1:-1] = m
+        outer = _shift_or(big) & ~big
+        inner = big & _shift_or(~big)
+        big = (big & ~(inner & (rng.random(big.shape) < q_in))) | (outer & (rng.random(big.shape) < q_out))
+        y0, x0 = p.y + (s - h) // 2 - 1, p.x + (s - w) // 2 - 1
+        ys, xs = np.nonzero(big)
+        ys, xs = ys + y0, xs + x0
+        ok = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
+        img[:, ys[ok], xs[ok]] = np.asarray(grammar.COLORS[p.color], dtype=np.float32)[:, None]
+    return img
+
+
 def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0) -> Tensor:
     """Apply a random chain of degradations that mimic imperfect generator samples.
 
@@ -370,8 +422,18 @@ def mirror_lr(prompt: str) -> str:
     )
 
 
+KIND_P = (0.25, 0.2, 0.1, 0.05, 0.05, 0.35)
+"""Image sources of :func:`make_batch`: own render, hard negative's render, other prompt's render, odd object
+size, blank / noise, jittered render (:func:`render_jittered`)."""
+
+
 def make_batch(
-    n: int, seed: int, prompts: Sequence[str] | None = None, p_degrade: float = 0.7, mirror: bool = False
+    n: int,
+    seed: int,
+    prompts: Sequence[str] | None = None,
+    p_degrade: float = 0.7,
+    mirror: bool = False,
+    pair: bool = False,
 ) -> tuple[Tensor, list[str], Tensor]:
     """One training (or evaluation) batch of (image, prompt, gold score) triples.
 
@@ -385,10 +447,12 @@ def make_batch(
         seed: seed of the batch (numpy and torch generators are derived from it).
         prompts: prompt pool; ``None`` for the whole grammar (single-group prompts drawn 40% of the time).
         p_degrade: fraction of images degraded.
-        mirror: append the ``n`` horizontally flipped images with :func:`mirror_lr` prompts (same exact labels).
+        mirror: append the horizontally flipped images with :func:`mirror_lr` prompts (same exact labels).
+        pair: append every image once more with a hard-negative prompt (:func:`perturb` of its prompt), so the
+            batch holds pairs that differ only in one attribute of the text (the verifier detects blobs once).
 
     Returns:
-        ``(images (m, 3, 16, 16), prompts, gold scores (m,))`` with ``m = n``, or ``2n`` when ``mirror``.
+        ``(images (m, 3, 16, 16), prompts, gold scores (m,))``; ``m = n``, doubled by ``pair`` and by ``mirror``.
     """
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -401,7 +465,7 @@ def make_batch(
     else:
         chosen = [prompts[i] for i in rng.integers(len(prompts), size=n)]
     pool = grammar.all_prompts()
-    kind = rng.choice(5, size=n, p=[0.4, 0.3, 0.15, 0.1, 0.05])
+    kind = rng.choice(6, size=n, p=KIND_P)
     imgs = torch.zeros(n, 3, 16, 16)
     for i, (p, k) in enumerate(zip(chosen, kind)):
         if k == 0:
@@ -416,13 +480,18 @@ def make_batch(
                 imgs[i] = torch.from_numpy(render.render(q, rng, obj_size=int(rng.choice([4, 6]))))
             except RuntimeError:
                 imgs[i] = torch.from_numpy(render.render(q, rng))
+        elif k == 5:
+            imgs[i] = torch.from_numpy(render_jittered(p if rng.random() < 0.7 else perturb(p, rng), rng))
         elif rng.random() < 0.5:
             imgs[i] = torch.rand(3, 16, 16, generator=g) * float(rng.random())
     others = render.render_batch([pool[j] for j in rng.integers(len(pool), size=n)], rng)
     deg = degrade(imgs, g, others)
-    mask = torch.from_numpy(rng.random(n) < p_degrade).view(n, 1, 1, 1)
+    mask = torch.from_numpy(rng.random(n) < np.where(kind == 5, p_degrade / 2, p_degrade)).view(n, 1, 1, 1)
     imgs = torch.where(mask, deg, imgs)
-    gold, _, _ = verify.score_batch(imgs, chosen)
+    blobs = [verify.detect(im) for im in imgs.numpy()]
+    if pair:
+        imgs, chosen, blobs = torch.cat([imgs, imgs]), chosen + [perturb(p, rng) for p in chosen], blobs + blobs
+    gold = torch.tensor([verify.score_blobs(b, p).score for b, p in zip(blobs, chosen)], dtype=torch.float32)
     if mirror:
         return torch.cat([imgs, imgs.flip(-1)]), chosen + [mirror_lr(p) for p in chosen], torch.cat([gold, gold])
     return imgs, chosen, gold

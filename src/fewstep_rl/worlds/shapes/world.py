@@ -55,6 +55,9 @@ class ShapesWorld(World):
     def __init__(self, cfg: ShapesConfig | None = None) -> None:
         super().__init__(cfg or ShapesConfig())
         self.dir = Path(self.cfg.path) if self.cfg.path else ASSETS / "teacher"
+        if not (self.dir / "transformer").is_dir():
+            hint = " (rebuild the shipped one with `fewstep-rl world shapes build`)" if not self.cfg.path else ""
+            raise ValueError(f"shapes teacher directory {str(self.dir)!r} has no transformer/ folder{hint}")
         info = self.dir / "teacher.json"
         meta = json.loads(info.read_text()) if info.is_file() else {}
         self.teacher_guidance = float(self.cfg.guidance if self.cfg.guidance is not None else meta.get("guidance", 4.0))
