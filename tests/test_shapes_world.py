@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fewstep_rl import registry
-from fewstep_rl.testing.contract import role_state, run_fit, same, teacher_probe
+from fewstep_rl.testing.contract import run_fit
 from fewstep_rl.worlds.shapes import grammar, render
 from fewstep_rl.worlds.shapes.world import ShapesConfig, ShapesWorld
 

@@ -195,9 +195,8 @@ def load_checkpoint(path: str, device: str = "cpu") -> Any:
 
 def _teacher(opts: dict, over: dict) -> tuple[Any, Any, Any]:
     """(world, backbone, resolved) for ``--teacher`` runs (no method, frozen base)."""
-    from fewstep_rl.run import resolve_world
-
     from fewstep_rl.backbones.base import BackboneLoadError
+    from fewstep_rl.run import resolve_world
 
     world, rewards = resolve_world(opts.get("world"), tuple(opts.get("config") or ()), over)
     try:
