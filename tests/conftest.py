@@ -1,9 +1,13 @@
 import os
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# Tiny models: extra intra-op threads only add OpenMP overhead here (and subprocesses inherit OMP_NUM_THREADS).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 _DIST_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_WORLD_SIZE",
               "FEWSTEP_RUN_DIR")

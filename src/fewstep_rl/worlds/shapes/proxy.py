@@ -49,7 +49,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 """Folder of the shipped proxy weights (``proxy.safetensors``) and config (``proxy.json``)."""
 
 DEFAULT_WEIGHTS = ASSETS / "proxy.safetensors"
-FORMAT = "fewstep-rl/shapes-proxy/v1"
+FORMAT = "fewstep-rl/shapes-proxy/v2"
 MAX_TOKENS = 12
 PAD, UNK, CLS = 0, 1, 2
 
@@ -154,7 +154,7 @@ class ProxyNet(nn.Module):
         self.film = nn.Linear(d, 2 * sum(ch))
         self.reduce = nn.Conv2d(ch[-1], cfg.head_channels, 1)
         side = cfg.image_size // 4
-        self.fc = nn.Linear(cfg.head_channels * side * side, cfg.hidden)
+        self.fc = nn.Linear(cfg.head_channels * side * side + ch[1] + ch[3], cfg.hidden)
         self.head = nn.Sequential(nn.Linear(cfg.hidden + d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, 1))
         nn.init.normal_(self.pos, std=0.02)
         nn.init.zeros_(self.film.weight)
@@ -164,22 +164,26 @@ class ProxyNet(nn.Module):
         self.register_buffer("coords", torch.stack([yy, xx])[None], persistent=False)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
-        """``(B, T)`` token ids → ``(B, text_dim)`` prompt vectors (the ``<cls>`` output)."""
+        """``(B, T)`` token ids → ``(B, text_dim)`` prompt vectors (mean of the non-padding token outputs)."""
         keep = tokens != PAD
         x = self.tok(tokens) + self.pos[: tokens.shape[1]]
         for blk in self.blocks:
             x = blk(x, keep)
-        return self.text_norm(x[:, 0])
+        x = self.text_norm(x)
+        return (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
 
     def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
         """Logits ``(B,)`` for images ``(B, 3, S, S)`` in [0, 1] (``S = cfg.image_size``) and tokens ``(B, T)``."""
         t = self.encode_text(tokens)
         gammas_betas = self.film(t).split([c for c in self.cfg.channels for _ in (0, 1)], dim=1)
         h = torch.cat([images * 2 - 1, self.coords.to(images.dtype).expand(images.shape[0], -1, -1, -1)], dim=1)
+        pooled = []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             g, b = gammas_betas[2 * i], gammas_betas[2 * i + 1]
             h = F.silu(norm(conv(h)) * (1 + g[:, :, None, None]) + b[:, :, None, None])
-        h = F.silu(self.fc(F.silu(self.reduce(h)).flatten(1)))
+            if i in (1, 3):  # global max pools: "is there such an object anywhere" (at 16×16 and at 4×4)
+                pooled.append(h.amax((2, 3)))
+        h = F.silu(self.fc(torch.cat([F.silu(self.reduce(h)).flatten(1), *pooled], 1)))
         return self.head(torch.cat([h, t], dim=1)).squeeze(1)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -619,7 +623,7 @@ def train_proxy(
         with ThreadPoolExecutor(max_workers=1) as pool:  # renders + verifies the next batch while this one trains
 
             def data(step: int) -> Future:
-                return pool.submit(make_batch, batch // 2, seed * 1_000_003 + 7_919 * step + 17, mirror=True)
+                return pool.submit(make_batch, batch // 2, seed * 1_000_003 + 7_919 * step + 17, pair=True)
 
             nxt = data(0)
             for step in bar:
