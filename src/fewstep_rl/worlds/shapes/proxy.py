@@ -66,9 +66,16 @@ def vocabulary() -> list[str]:
 _VOCAB = {w: i for i, w in enumerate(vocabulary())}
 
 
+_RELATION_WORDS = ("left", "right", "of", "above", "below", "to", "the")
+
+
 def _words(prompt: str) -> list[str]:
     try:
-        text = grammar.format_prompt(grammar.parse(prompt))
+        spec = grammar.parse(prompt)
+        if spec.relation is not None and spec.relation.relation in ("right of", "below"):
+            text = grammar.mirror(prompt)  # "A right of B" → "B left of A": the same scene, one wording
+        else:
+            text = grammar.format_prompt(spec)
     except ValueError:
         text = " ".join(str(prompt).lower().replace(".", " ").split())
     return text.split()
@@ -144,6 +151,8 @@ class ProxyNet(nn.Module):
         d = cfg.text_dim
         self.tok = nn.Embedding(cfg.vocab_size, d)
         self.pos = nn.Parameter(torch.zeros(cfg.max_tokens, d))
+        self.seg = nn.Embedding(3, d)  # 0: before the relation (subject), 1: relation words, 2: after (reference)
+        self.register_buffer("rel_ids", torch.tensor([_VOCAB[w] for w in _RELATION_WORDS]), persistent=False)
         self.blocks = nn.ModuleList(_Block(d, cfg.text_heads, cfg.text_ff) for _ in range(cfg.text_layers))
         self.text_norm = nn.LayerNorm(d)
         ch = cfg.channels
@@ -166,7 +175,9 @@ class ProxyNet(nn.Module):
     def encode_text(self, tokens: Tensor) -> Tensor:
         """``(B, T)`` token ids → ``(B, text_dim)`` prompt vectors (mean of the non-padding token outputs)."""
         keep = tokens != PAD
-        x = self.tok(tokens) + self.pos[: tokens.shape[1]]
+        is_rel = torch.isin(tokens, self.rel_ids)
+        after = (is_rel.long().cumsum(1) > 0) & ~is_rel & keep
+        x = self.tok(tokens) + self.pos[: tokens.shape[1]] + self.seg(is_rel.long() + 2 * after.long())
         for blk in self.blocks:
             x = blk(x, keep)
         x = self.text_norm(x)
