@@ -43,7 +43,10 @@ def test_proxy_scores_matched_high_and_mismatched_low(reward, scenes):
     assert float(right.mean()) > 0.8, right
     fully_wrong = gold_wrong < 0.5
     assert float(bad[fully_wrong].mean()) < 0.4, bad
-    assert float((right - bad).mean()) > 0.4
+    # pairs the verifier separates (gold gap > 0.25): the proxy orders them the same way
+    gold_right, _, _ = verify.score_batch(images, prompts)
+    clear = (gold_right - gold_wrong) > 0.25
+    assert float((right[clear] > bad[clear]).float().mean()) >= 0.85
 
 
 def test_proxy_gradient_flows_to_images(reward, scenes):

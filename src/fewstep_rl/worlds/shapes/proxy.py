@@ -49,7 +49,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 """Folder of the shipped proxy weights (``proxy.safetensors``) and config (``proxy.json``)."""
 
 DEFAULT_WEIGHTS = ASSETS / "proxy.safetensors"
-FORMAT = "fewstep-rl/shapes-proxy/v2"
+FORMAT = "fewstep-rl/shapes-proxy/v1"
 MAX_TOKENS = 12
 PAD, UNK, CLS = 0, 1, 2
 
@@ -66,16 +66,9 @@ def vocabulary() -> list[str]:
 _VOCAB = {w: i for i, w in enumerate(vocabulary())}
 
 
-_RELATION_WORDS = ("left", "right", "of", "above", "below", "to", "the")
-
-
 def _words(prompt: str) -> list[str]:
     try:
-        spec = grammar.parse(prompt)
-        if spec.relation is not None and spec.relation.relation in ("right of", "below"):
-            text = grammar.mirror(prompt)  # "A right of B" → "B left of A": the same scene, one wording
-        else:
-            text = grammar.format_prompt(spec)
+        text = grammar.format_prompt(grammar.parse(prompt))
     except ValueError:
         text = " ".join(str(prompt).lower().replace(".", " ").split())
     return text.split()
@@ -151,8 +144,6 @@ class ProxyNet(nn.Module):
         d = cfg.text_dim
         self.tok = nn.Embedding(cfg.vocab_size, d)
         self.pos = nn.Parameter(torch.zeros(cfg.max_tokens, d))
-        self.seg = nn.Embedding(3, d)  # 0: before the relation (subject), 1: relation words, 2: after (reference)
-        self.register_buffer("rel_ids", torch.tensor([_VOCAB[w] for w in _RELATION_WORDS]), persistent=False)
         self.blocks = nn.ModuleList(_Block(d, cfg.text_heads, cfg.text_ff) for _ in range(cfg.text_layers))
         self.text_norm = nn.LayerNorm(d)
         ch = cfg.channels
@@ -163,7 +154,7 @@ class ProxyNet(nn.Module):
         self.film = nn.Linear(d, 2 * sum(ch))
         self.reduce = nn.Conv2d(ch[-1], cfg.head_channels, 1)
         side = cfg.image_size // 4
-        self.fc = nn.Linear(cfg.head_channels * side * side + ch[1] + ch[3], cfg.hidden)
+        self.fc = nn.Linear(cfg.head_channels * side * side, cfg.hidden)
         self.head = nn.Sequential(nn.Linear(cfg.hidden + d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, 1))
         nn.init.normal_(self.pos, std=0.02)
         nn.init.zeros_(self.film.weight)
@@ -173,28 +164,22 @@ class ProxyNet(nn.Module):
         self.register_buffer("coords", torch.stack([yy, xx])[None], persistent=False)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
-        """``(B, T)`` token ids → ``(B, text_dim)`` prompt vectors (mean of the non-padding token outputs)."""
+        """``(B, T)`` token ids → ``(B, text_dim)`` prompt vectors (the ``<cls>`` output)."""
         keep = tokens != PAD
-        is_rel = torch.isin(tokens, self.rel_ids)
-        after = (is_rel.long().cumsum(1) > 0) & ~is_rel & keep
-        x = self.tok(tokens) + self.pos[: tokens.shape[1]] + self.seg(is_rel.long() + 2 * after.long())
+        x = self.tok(tokens) + self.pos[: tokens.shape[1]]
         for blk in self.blocks:
             x = blk(x, keep)
-        x = self.text_norm(x)
-        return (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+        return self.text_norm(x[:, 0])
 
     def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
         """Logits ``(B,)`` for images ``(B, 3, S, S)`` in [0, 1] (``S = cfg.image_size``) and tokens ``(B, T)``."""
         t = self.encode_text(tokens)
         gammas_betas = self.film(t).split([c for c in self.cfg.channels for _ in (0, 1)], dim=1)
         h = torch.cat([images * 2 - 1, self.coords.to(images.dtype).expand(images.shape[0], -1, -1, -1)], dim=1)
-        pooled = []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             g, b = gammas_betas[2 * i], gammas_betas[2 * i + 1]
             h = F.silu(norm(conv(h)) * (1 + g[:, :, None, None]) + b[:, :, None, None])
-            if i in (1, 3):  # global max pools: "is there such an object anywhere" (at 16×16 and at 4×4)
-                pooled.append(h.amax((2, 3)))
-        h = F.silu(self.fc(torch.cat([F.silu(self.reduce(h)).flatten(1), *pooled], 1)))
+        h = F.silu(self.fc(F.silu(self.reduce(h)).flatten(1)))
         return self.head(torch.cat([h, t], dim=1)).squeeze(1)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -286,58 +271,6 @@ def _blob_layer(n: int, size: int, g: torch.Generator) -> Tensor:
             region = out[i, :, y : y + bh, x : x + bw]
             region[:, m] = col[:, None]
     return out
-
-
-def _shift_or(m: np.ndarray) -> np.ndarray:
-    out = m.copy()
-    out[1:] |= m[:-1]
-    out[:-1] |= m[1:]
-    out[:, 1:] |= m[:, :-1]
-    out[:, :-1] |= m[:, 1:]
-    return out
-
-
-def render_jittered(prompt: str, rng: np.random.Generator, size: int = 16) -> np.ndarray:
-    """A render with imperfect, generator-like objects: flat palette colours but jittered sizes and outlines.
-
-    The objects are placed as by :func:`render.place` with a random object size (4–7 px); each one's mask is its
-    template at a box of ±1 px per side, sometimes merged with another template, and its outline is roughened
-    (pixels just outside switched on, pixels just inside switched off, each with a random rate up to 35%).
-    Whether the verifier still recognises the shapes, counts and relations varies, which is the point.
-
-    Args:
-        prompt: the scene's prompt.
-        rng: the only source of randomness.
-        size: canvas side in pixels.
-
-    Returns:
-        ``(3, size, size)`` float32 image in [0, 1].
-    """
-    s = int(rng.choice([4, 5, 5, 6, 6, 7]))
-    try:
-        placed = render.place(prompt, rng, size, obj_size=s)
-    except RuntimeError:
-        s = 5
-        placed = render.place(prompt, rng, size, obj_size=s)
-    img = np.zeros((3, size, size), dtype=np.float32)
-    q_out, q_in = rng.uniform(0, 0.35), rng.uniform(0, 0.35)
-    for p in placed:
-        h, w = (int(np.clip(s + rng.integers(-1, 2), 3, 8)) for _ in range(2))
-        m = render.shape_mask(p.shape, h, w)
-        if rng.random() < 0.2:
-            other = render.shape_mask(str(rng.choice(grammar.SHAPES)), h, w)
-            m = (m | other) if rng.random() < 0.5 else (m & other)
-        big = np.zeros((h + 2, w + 2), dtype=bool)
-        big[1:-1, 1:-1] = m
-        outer = _shift_or(big) & ~big
-        inner = big & _shift_or(~big)
-        big = (big & ~(inner & (rng.random(big.shape) < q_in))) | (outer & (rng.random(big.shape) < q_out))
-        y0, x0 = p.y + (s - h) // 2 - 1, p.x + (s - w) // 2 - 1
-        ys, xs = np.nonzero(big)
-        ys, xs = ys + y0, xs + x0
-        ok = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
-        img[:, ys[ok], xs[ok]] = np.asarray(grammar.COLORS[p.color], dtype=np.float32)[:, None]
-    return img
 
 
 def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0) -> Tensor:
@@ -437,18 +370,8 @@ def mirror_lr(prompt: str) -> str:
     )
 
 
-KIND_P = (0.25, 0.2, 0.1, 0.05, 0.05, 0.35)
-"""Image sources of :func:`make_batch`: own render, hard negative's render, other prompt's render, odd object
-size, blank / noise, jittered render (:func:`render_jittered`)."""
-
-
 def make_batch(
-    n: int,
-    seed: int,
-    prompts: Sequence[str] | None = None,
-    p_degrade: float = 0.7,
-    mirror: bool = False,
-    pair: bool = False,
+    n: int, seed: int, prompts: Sequence[str] | None = None, p_degrade: float = 0.7, mirror: bool = False
 ) -> tuple[Tensor, list[str], Tensor]:
     """One training (or evaluation) batch of (image, prompt, gold score) triples.
 
@@ -462,12 +385,10 @@ def make_batch(
         seed: seed of the batch (numpy and torch generators are derived from it).
         prompts: prompt pool; ``None`` for the whole grammar (single-group prompts drawn 40% of the time).
         p_degrade: fraction of images degraded.
-        mirror: append the horizontally flipped images with :func:`mirror_lr` prompts (same exact labels).
-        pair: append every image once more with a hard-negative prompt (:func:`perturb` of its prompt), so the
-            batch holds pairs that differ only in one attribute of the text (the verifier detects blobs once).
+        mirror: append the ``n`` horizontally flipped images with :func:`mirror_lr` prompts (same exact labels).
 
     Returns:
-        ``(images (m, 3, 16, 16), prompts, gold scores (m,))``; ``m = n``, doubled by ``pair`` and by ``mirror``.
+        ``(images (m, 3, 16, 16), prompts, gold scores (m,))`` with ``m = n``, or ``2n`` when ``mirror``.
     """
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -480,7 +401,7 @@ def make_batch(
     else:
         chosen = [prompts[i] for i in rng.integers(len(prompts), size=n)]
     pool = grammar.all_prompts()
-    kind = rng.choice(6, size=n, p=KIND_P)
+    kind = rng.choice(5, size=n, p=[0.4, 0.3, 0.15, 0.1, 0.05])
     imgs = torch.zeros(n, 3, 16, 16)
     for i, (p, k) in enumerate(zip(chosen, kind)):
         if k == 0:
@@ -495,18 +416,13 @@ def make_batch(
                 imgs[i] = torch.from_numpy(render.render(q, rng, obj_size=int(rng.choice([4, 6]))))
             except RuntimeError:
                 imgs[i] = torch.from_numpy(render.render(q, rng))
-        elif k == 5:
-            imgs[i] = torch.from_numpy(render_jittered(p if rng.random() < 0.7 else perturb(p, rng), rng))
         elif rng.random() < 0.5:
             imgs[i] = torch.rand(3, 16, 16, generator=g) * float(rng.random())
     others = render.render_batch([pool[j] for j in rng.integers(len(pool), size=n)], rng)
     deg = degrade(imgs, g, others)
-    mask = torch.from_numpy(rng.random(n) < np.where(kind == 5, p_degrade / 2, p_degrade)).view(n, 1, 1, 1)
+    mask = torch.from_numpy(rng.random(n) < p_degrade).view(n, 1, 1, 1)
     imgs = torch.where(mask, deg, imgs)
-    blobs = [verify.detect(im) for im in imgs.numpy()]
-    if pair:
-        imgs, chosen, blobs = torch.cat([imgs, imgs]), chosen + [perturb(p, rng) for p in chosen], blobs + blobs
-    gold = torch.tensor([verify.score_blobs(b, p).score for b, p in zip(blobs, chosen)], dtype=torch.float32)
+    gold, _, _ = verify.score_batch(imgs, chosen)
     if mirror:
         return torch.cat([imgs, imgs.flip(-1)]), chosen + [mirror_lr(p) for p in chosen], torch.cat([gold, gold])
     return imgs, chosen, gold
@@ -634,7 +550,7 @@ def train_proxy(
         with ThreadPoolExecutor(max_workers=1) as pool:  # renders + verifies the next batch while this one trains
 
             def data(step: int) -> Future:
-                return pool.submit(make_batch, batch // 2, seed * 1_000_003 + 7_919 * step + 17, pair=True)
+                return pool.submit(make_batch, batch // 2, seed * 1_000_003 + 7_919 * step + 17, mirror=True)
 
             nxt = data(0)
             for step in bar:
