@@ -76,6 +76,18 @@ def test_tokenize_canonicalises_aliases():
     t = proxy.tokenize(["a red circle to the left of a blue square", "one red circle left of a blue square.", "xyz"])
     assert t.shape == (3, proxy.MAX_TOKENS) and t.dtype == torch.long
     assert torch.equal(t[0], t[1]) and t[0, 0] == proxy.CLS
+    # mirrored wordings of one scene ("A right of B" = "B left of A") share their tokens
+    m = proxy.tokenize(
+        [
+            "a blue square right of a red circle",
+            "a red circle left of a blue square",
+            "a red circle above a blue square",
+        ]
+    )
+    assert torch.equal(m[0], m[1]) and not torch.equal(m[1], m[2])
+    assert torch.equal(
+        proxy.tokenize(["a red circle above a blue square"]), proxy.tokenize(["a blue square below a red circle"])
+    )
     assert t[2, :3].tolist() == [proxy.CLS, proxy.UNK, proxy.PAD]
 
 
@@ -128,6 +140,23 @@ def test_make_batch_labels_are_exact_gold():
     assert torch.equal(gold, verify.score_batch(x, prompts)[0])
     x2, _, _ = proxy.make_batch(32, seed=5)
     assert torch.equal(x, x2)
+    # hard-negative prompt pairs and mirrored copies keep the labels exact
+    x, prompts, gold = proxy.make_batch(16, seed=6, pair=True, mirror=True)
+    assert x.shape[0] == len(prompts) == 64 and torch.equal(x[:16], x[16:32]) and torch.equal(x[32:], x[:32].flip(-1))
+    assert torch.equal(gold, verify.score_batch(x, prompts)[0])
+    assert all(p != q for p, q in zip(prompts[:16], prompts[16:32]))
+
+
+def test_perturb_jitter_and_mirror_stay_exact():
+    rng = np.random.default_rng(0)
+    for p in grammar.all_prompts()[::5]:
+        q = proxy.perturb(p, rng)
+        assert q != p and grammar.format_prompt(grammar.parse(q)) == q
+    img = proxy.render_jittered("three red circles", rng)
+    assert img.shape == (3, 16, 16) and set(np.unique(img)) <= {0.0, 1.0}
+    assert proxy.mirror_lr("a red circle left of a blue square") == "a red circle right of a blue square"
+    assert proxy.mirror_lr("a red circle above a blue square") == "a red circle above a blue square"
+    assert proxy.mirror_lr("two red circles") == "two red circles"
 
 
 def test_train_proxy_smoke(tmp_path):

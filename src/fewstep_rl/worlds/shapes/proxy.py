@@ -6,22 +6,28 @@
 (image, prompt) pair, so it is a good but imperfect learned stand-in for the verifier: optimising it hard shows
 reward hacking (gold-vs-proxy gaps).
 
-Architecture (``ProxyConfig``):
+Architecture (``ProxyConfig``, about 232k parameters):
 
 * prompt encoder: word tokens of the grammar's fixed vocabulary (:func:`vocabulary`, :func:`tokenize`; aliases are
-  canonicalised first, unknown words map to ``<unk>``) → embedding + learned positions → a 2-layer pre-norm
-  transformer → the ``<cls>`` vector;
-* image encoder: ``[2x − 1, y-coord, x-coord]`` → 3×3 convs at 16×16 (two), 8×8 and 4×4 (strided), SiLU, each
-  modulated by FiLM from the prompt vector, so the network can pick out the requested colours and shapes;
-* head: a 1×1 conv to a few channels, the whole 4×4 map flattened (keeps where things are, which relations need),
-  concatenated with the prompt vector → MLP → logit.
+  canonicalised and ``"A right of B"`` / ``"A below B"`` rewritten as the same scene ``"B left of A"`` /
+  ``"B above A"``; unknown words map to ``<unk>``) → embedding + learned position + role (before / in / after the
+  relation words) → a 2-layer pre-norm transformer → mean over the tokens;
+* image encoder: ``[2x − 1, y-coord, x-coord]`` → GroupNorm'd 3×3 convs at 16×16 (two), 8×8 and 4×4 (strided),
+  SiLU, each modulated by FiLM from the prompt vector, so the network can pick out the requested colours and shapes;
+* head: the 4×4 map through a 1×1 conv, flattened (keeps where things are), plus global max pools of the 16×16 and
+  4×4 features ("is there such an object anywhere"), concatenated with the prompt vector → MLP → logit.
 
-Training data (:func:`make_batch`): per example a prompt from the grammar and an image that is either its render
-(matched), the render of a hard negative (one attribute changed: colour, shape, count, relation flipped, objects
-swapped), of a random other prompt, a blank or noise image; then, often, degradations that mimic imperfect
-generator samples (Gaussian noise, blur, colour jitter, pixel dropout, blends of two renders, erased patches, stray
-blobs, dilated / eroded edges, dimmed objects, odd object sizes). The label is always the verifier's score on the
-final image, so targets are exact.
+Training data (:func:`make_batch`): per example a prompt from the grammar and an image that is its render (matched),
+the render of a hard negative (:func:`perturb`: one attribute changed — colour, shape, count, relation flipped,
+objects swapped), of a random other prompt, a render at an odd object size, a generator-like render with jittered
+object sizes and outlines (:func:`render_jittered`), or a blank / noise image; then, often, degradations that mimic
+imperfect generator samples (:func:`degrade`: smooth warps, Gaussian noise, blur, colour jitter, pixel dropout,
+blends of two renders, erased patches, stray blobs and speckles, dilated / eroded edges, dimmed objects, palette
+snapping). In training every image is also paired with a hard-negative prompt, so each batch holds pairs that
+differ only in the text. The label is always the verifier's score of the final image, so targets are exact.
+
+Known limit: the proxy is much better at colours, counts and positions than at telling a generator's blobby circle
+from a square, which is where the gold verifier is strict — a natural source of proxy-vs-gold gaps.
 
 The shipped weights (``assets/proxy.safetensors``, fp16, plus ``assets/proxy.json`` with the architecture, the
 training settings and held-out metrics) are rebuilt by :func:`train_proxy`.
@@ -49,7 +55,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 """Folder of the shipped proxy weights (``proxy.safetensors``) and config (``proxy.json``)."""
 
 DEFAULT_WEIGHTS = ASSETS / "proxy.safetensors"
-FORMAT = "fewstep-rl/shapes-proxy/v1"
+FORMAT = "fewstep-rl/shapes-proxy/v2"
 MAX_TOKENS = 12
 PAD, UNK, CLS = 0, 1, 2
 
@@ -66,9 +72,16 @@ def vocabulary() -> list[str]:
 _VOCAB = {w: i for i, w in enumerate(vocabulary())}
 
 
+_RELATION_WORDS = ("left", "right", "of", "above", "below", "to", "the")
+
+
 def _words(prompt: str) -> list[str]:
     try:
-        text = grammar.format_prompt(grammar.parse(prompt))
+        spec = grammar.parse(prompt)
+        if spec.relation is not None and spec.relation.relation in ("right of", "below"):
+            text = grammar.mirror(prompt)  # "A right of B" → "B left of A": the same scene, one wording
+        else:
+            text = grammar.format_prompt(spec)
     except ValueError:
         text = " ".join(str(prompt).lower().replace(".", " ").split())
     return text.split()
@@ -144,6 +157,8 @@ class ProxyNet(nn.Module):
         d = cfg.text_dim
         self.tok = nn.Embedding(cfg.vocab_size, d)
         self.pos = nn.Parameter(torch.zeros(cfg.max_tokens, d))
+        self.seg = nn.Embedding(3, d)  # 0: before the relation (subject), 1: relation words, 2: after (reference)
+        self.register_buffer("rel_ids", torch.tensor([_VOCAB[w] for w in _RELATION_WORDS]), persistent=False)
         self.blocks = nn.ModuleList(_Block(d, cfg.text_heads, cfg.text_ff) for _ in range(cfg.text_layers))
         self.text_norm = nn.LayerNorm(d)
         ch = cfg.channels
@@ -154,7 +169,7 @@ class ProxyNet(nn.Module):
         self.film = nn.Linear(d, 2 * sum(ch))
         self.reduce = nn.Conv2d(ch[-1], cfg.head_channels, 1)
         side = cfg.image_size // 4
-        self.fc = nn.Linear(cfg.head_channels * side * side, cfg.hidden)
+        self.fc = nn.Linear(cfg.head_channels * side * side + ch[1] + ch[3], cfg.hidden)
         self.head = nn.Sequential(nn.Linear(cfg.hidden + d, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, 1))
         nn.init.normal_(self.pos, std=0.02)
         nn.init.zeros_(self.film.weight)
@@ -164,22 +179,28 @@ class ProxyNet(nn.Module):
         self.register_buffer("coords", torch.stack([yy, xx])[None], persistent=False)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
-        """``(B, T)`` token ids → ``(B, text_dim)`` prompt vectors (the ``<cls>`` output)."""
+        """``(B, T)`` token ids → ``(B, text_dim)`` prompt vectors (mean of the non-padding token outputs)."""
         keep = tokens != PAD
-        x = self.tok(tokens) + self.pos[: tokens.shape[1]]
+        is_rel = torch.isin(tokens, self.rel_ids)
+        after = (is_rel.long().cumsum(1) > 0) & ~is_rel & keep
+        x = self.tok(tokens) + self.pos[: tokens.shape[1]] + self.seg(is_rel.long() + 2 * after.long())
         for blk in self.blocks:
             x = blk(x, keep)
-        return self.text_norm(x[:, 0])
+        x = self.text_norm(x)
+        return (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
 
     def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
         """Logits ``(B,)`` for images ``(B, 3, S, S)`` in [0, 1] (``S = cfg.image_size``) and tokens ``(B, T)``."""
         t = self.encode_text(tokens)
         gammas_betas = self.film(t).split([c for c in self.cfg.channels for _ in (0, 1)], dim=1)
         h = torch.cat([images * 2 - 1, self.coords.to(images.dtype).expand(images.shape[0], -1, -1, -1)], dim=1)
+        pooled = []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             g, b = gammas_betas[2 * i], gammas_betas[2 * i + 1]
             h = F.silu(norm(conv(h)) * (1 + g[:, :, None, None]) + b[:, :, None, None])
-        h = F.silu(self.fc(F.silu(self.reduce(h)).flatten(1)))
+            if i in (1, 3):  # global max pools: "is there such an object anywhere" (at 16×16 and at 4×4)
+                pooled.append(h.amax((2, 3)))
+        h = F.silu(self.fc(torch.cat([F.silu(self.reduce(h)).flatten(1), *pooled], 1)))
         return self.head(torch.cat([h, t], dim=1)).squeeze(1)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -199,6 +220,8 @@ def num_params(net: nn.Module) -> int:
 def perturb(prompt: str, rng: np.random.Generator) -> str:
     """A hard negative of ``prompt``: one attribute changed (colour, shape, count, relation flipped or objects swapped).
 
+    Shape changes are drawn twice as often as the others (generators get shapes wrong most often).
+
     Args:
         prompt: a prompt of the grammar.
         rng: the only source of randomness.
@@ -211,8 +234,10 @@ def perturb(prompt: str, rng: np.random.Generator) -> str:
     for _ in range(100):
         i = int(rng.integers(len(objs)))
         o = objs[i]
-        kinds = ["color", "shape"] + (["count"] if spec.relation is None else ["relation", "swap"])
-        kind = kinds[int(rng.integers(len(kinds)))]
+        if spec.relation is None:
+            kind = str(rng.choice(["color", "shape", "count"], p=[0.25, 0.5, 0.25]))
+        else:
+            kind = str(rng.choice(["color", "shape", "relation", "swap"], p=[0.2, 0.4, 0.2, 0.2]))
         new, rel = list(objs), spec.relation
         if kind == "color":
             new[i] = o._replace(color=str(rng.choice([c for c in grammar.COLORS if c != o.color])))
@@ -271,6 +296,58 @@ def _blob_layer(n: int, size: int, g: torch.Generator) -> Tensor:
             region = out[i, :, y : y + bh, x : x + bw]
             region[:, m] = col[:, None]
     return out
+
+
+def _shift_or(m: np.ndarray) -> np.ndarray:
+    out = m.copy()
+    out[1:] |= m[:-1]
+    out[:-1] |= m[1:]
+    out[:, 1:] |= m[:, :-1]
+    out[:, :-1] |= m[:, 1:]
+    return out
+
+
+def render_jittered(prompt: str, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    """A render with imperfect, generator-like objects: flat palette colours but jittered sizes and outlines.
+
+    The objects are placed as by :func:`render.place` with a random object size (4–7 px); each one's mask is its
+    template at a box of ±1 px per side, sometimes merged with another template, and its outline is roughened
+    (pixels just outside switched on, pixels just inside switched off, each with a random rate up to 35%).
+    Whether the verifier still recognises the shapes, counts and relations varies, which is the point.
+
+    Args:
+        prompt: the scene's prompt.
+        rng: the only source of randomness.
+        size: canvas side in pixels.
+
+    Returns:
+        ``(3, size, size)`` float32 image in [0, 1].
+    """
+    s = int(rng.choice([4, 5, 5, 6, 6, 7]))
+    try:
+        placed = render.place(prompt, rng, size, obj_size=s)
+    except RuntimeError:
+        s = 5
+        placed = render.place(prompt, rng, size, obj_size=s)
+    img = np.zeros((3, size, size), dtype=np.float32)
+    q_out, q_in = rng.uniform(0, 0.35), rng.uniform(0, 0.35)
+    for p in placed:
+        h, w = (int(np.clip(s + rng.integers(-1, 2), 3, 8)) for _ in range(2))
+        m = render.shape_mask(p.shape, h, w)
+        if rng.random() < 0.2:
+            other = render.shape_mask(str(rng.choice(grammar.SHAPES)), h, w)
+            m = (m | other) if rng.random() < 0.5 else (m & other)
+        big = np.zeros((h + 2, w + 2), dtype=bool)
+        big[1:-1, 1:-1] = m
+        outer = _shift_or(big) & ~big
+        inner = big & _shift_or(~big)
+        big = (big & ~(inner & (rng.random(big.shape) < q_in))) | (outer & (rng.random(big.shape) < q_out))
+        y0, x0 = p.y + (s - h) // 2 - 1, p.x + (s - w) // 2 - 1
+        ys, xs = np.nonzero(big)
+        ys, xs = ys + y0, xs + x0
+        ok = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
+        img[:, ys[ok], xs[ok]] = np.asarray(grammar.COLORS[p.color], dtype=np.float32)[:, None]
+    return img
 
 
 def degrade(x: Tensor, g: torch.Generator, others: Tensor, strength: float = 1.0) -> Tensor:
@@ -370,8 +447,18 @@ def mirror_lr(prompt: str) -> str:
     )
 
 
+KIND_P = (0.25, 0.2, 0.1, 0.05, 0.05, 0.35)
+"""Image sources of :func:`make_batch`: own render, hard negative's render, other prompt's render, odd object
+size, blank / noise, jittered render (:func:`render_jittered`)."""
+
+
 def make_batch(
-    n: int, seed: int, prompts: Sequence[str] | None = None, p_degrade: float = 0.7, mirror: bool = False
+    n: int,
+    seed: int,
+    prompts: Sequence[str] | None = None,
+    p_degrade: float = 0.7,
+    mirror: bool = False,
+    pair: bool = False,
 ) -> tuple[Tensor, list[str], Tensor]:
     """One training (or evaluation) batch of (image, prompt, gold score) triples.
 
@@ -385,10 +472,12 @@ def make_batch(
         seed: seed of the batch (numpy and torch generators are derived from it).
         prompts: prompt pool; ``None`` for the whole grammar (single-group prompts drawn 40% of the time).
         p_degrade: fraction of images degraded.
-        mirror: append the ``n`` horizontally flipped images with :func:`mirror_lr` prompts (same exact labels).
+        mirror: append the horizontally flipped images with :func:`mirror_lr` prompts (same exact labels).
+        pair: append every image once more with a hard-negative prompt (:func:`perturb` of its prompt), so the
+            batch holds pairs that differ only in one attribute of the text (the verifier detects blobs once).
 
     Returns:
-        ``(images (m, 3, 16, 16), prompts, gold scores (m,))`` with ``m = n``, or ``2n`` when ``mirror``.
+        ``(images (m, 3, 16, 16), prompts, gold scores (m,))``; ``m = n``, doubled by ``pair`` and by ``mirror``.
     """
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -401,7 +490,7 @@ def make_batch(
     else:
         chosen = [prompts[i] for i in rng.integers(len(prompts), size=n)]
     pool = grammar.all_prompts()
-    kind = rng.choice(5, size=n, p=[0.4, 0.3, 0.15, 0.1, 0.05])
+    kind = rng.choice(6, size=n, p=KIND_P)
     imgs = torch.zeros(n, 3, 16, 16)
     for i, (p, k) in enumerate(zip(chosen, kind)):
         if k == 0:
@@ -416,13 +505,18 @@ def make_batch(
                 imgs[i] = torch.from_numpy(render.render(q, rng, obj_size=int(rng.choice([4, 6]))))
             except RuntimeError:
                 imgs[i] = torch.from_numpy(render.render(q, rng))
+        elif k == 5:
+            imgs[i] = torch.from_numpy(render_jittered(p if rng.random() < 0.7 else perturb(p, rng), rng))
         elif rng.random() < 0.5:
             imgs[i] = torch.rand(3, 16, 16, generator=g) * float(rng.random())
     others = render.render_batch([pool[j] for j in rng.integers(len(pool), size=n)], rng)
     deg = degrade(imgs, g, others)
-    mask = torch.from_numpy(rng.random(n) < p_degrade).view(n, 1, 1, 1)
+    mask = torch.from_numpy(rng.random(n) < np.where(kind == 5, p_degrade / 2, p_degrade)).view(n, 1, 1, 1)
     imgs = torch.where(mask, deg, imgs)
-    gold, _, _ = verify.score_batch(imgs, chosen)
+    blobs = [verify.detect(im) for im in imgs.numpy()]
+    if pair:
+        imgs, chosen, blobs = torch.cat([imgs, imgs]), chosen + [perturb(p, rng) for p in chosen], blobs + blobs
+    gold = torch.tensor([verify.score_blobs(b, p).score for b, p in zip(blobs, chosen)], dtype=torch.float32)
     if mirror:
         return torch.cat([imgs, imgs.flip(-1)]), chosen + [mirror_lr(p) for p in chosen], torch.cat([gold, gold])
     return imgs, chosen, gold
@@ -511,9 +605,10 @@ def train_proxy(
     """Train the proxy from scratch on fresh renders and write ``proxy.safetensors`` + ``proxy.json`` to ``out_dir``.
 
     AdamW (weight decay 1e-4) with 100 warm-up steps and cosine decay, BCE against the gold score, gradient clipping
-    at 1. Every step sees a fresh batch: ``batch // 2`` newly rendered, degraded and verified examples
-    (:func:`make_batch`, seeds derived from ``seed`` and the step) plus their mirror images; a background thread
-    prepares the next batch while the current one trains. The defaults take about 3–4 minutes on 1–2 CPU cores.
+    at 1. Every step sees a fresh batch: ``batch // 2`` newly rendered, degraded and verified images, each with its
+    prompt and with a hard-negative prompt (:func:`make_batch` with ``pair=True``, seeds derived from ``seed`` and the
+    step); a background thread prepares the next batch while the current one trains. The defaults take about 4
+    minutes on 1–2 CPU cores.
 
     Args:
         out_dir: output folder (created).
@@ -550,7 +645,7 @@ def train_proxy(
         with ThreadPoolExecutor(max_workers=1) as pool:  # renders + verifies the next batch while this one trains
 
             def data(step: int) -> Future:
-                return pool.submit(make_batch, batch // 2, seed * 1_000_003 + 7_919 * step + 17, mirror=True)
+                return pool.submit(make_batch, batch // 2, seed * 1_000_003 + 7_919 * step + 17, pair=True)
 
             nxt = data(0)
             for step in bar:
@@ -597,6 +692,7 @@ def save_proxy(net: ProxyNet, out_dir: str | Path, training: dict | None = None,
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(out / "proxy.safetensors"), metadata={"format": FORMAT})
+    (out / "proxy.safetensors").chmod(0o644)
     info = {
         "format": FORMAT,
         "arch": dataclasses.asdict(net.cfg),
@@ -637,6 +733,8 @@ def load_proxy(path: str | Path | None = None, device: str | torch.device = "cpu
             raise FileNotFoundError(f"shapes proxy: file {str(f)!r} not found{hint}")
     try:
         info = json.loads(config.read_text())
+        if info.get("format") != FORMAT:
+            raise KeyError(f"format {info.get('format')!r}, expected {FORMAT!r}")
         arch = dict(info["arch"])
         arch["channels"] = tuple(arch["channels"])
         cfg = ProxyConfig(**arch)
