@@ -334,7 +334,7 @@ def cmd_world(argv: list[str]) -> int:
     out = Path(opts["out"]) if opts.get("out") else ASSETS
     work = Path("runs") / "shapes-build"  # resumable training state; never inside the package
     if not opts.get("skip_proxy"):
-        print(json.dumps({"proxy": proxy.train_proxy(out, seed=seed, steps=_num(opts, "proxy_steps", int, 2500))}))
+        print(json.dumps({"proxy": proxy.train_proxy(out, seed=seed, steps=_num(opts, "proxy_steps", int, 1600))}))
     if not opts.get("skip_teacher"):
         res = teacher.train_teacher(work, seed=seed, steps=_num(opts, "teacher_steps", int, 10000),
                                     max_minutes=_num(opts, "minutes", float))
