@@ -92,7 +92,7 @@ def train_teacher(
     out.mkdir(parents=True, exist_ok=True)
     train_prompts, held = grammar.split_prompts(seed=0)
     tok, enc, tr = build_models(seed)
-    ema_tr, ema_enc = build_models(seed)[2], build_models(seed)[1]
+    _, ema_enc, ema_tr = build_models(seed)
     params = list(tr.parameters()) + list(enc.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = 0

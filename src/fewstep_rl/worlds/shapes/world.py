@@ -107,7 +107,8 @@ class ShapesWorld(World):
     ) -> dict[str, float]:
         """Gold partial credit and strict accuracy (all, training prompts, held-out prompts)."""
         scores, strict, _ = verify.score_batch(samples, list(prompts))
-        held = torch.tensor([p in set(self._held) for p in prompts], device=scores.device)
+        held_set = set(self._held)
+        held = torch.tensor([p in held_set for p in prompts], device=scores.device)
         out = {"gold": float(scores.mean()), "strict": float(strict.float().mean())}
         for name, mask in (("train", ~held), ("heldout", held)):
             if mask.any():
