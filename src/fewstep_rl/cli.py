@@ -70,6 +70,8 @@ def _parse(argv: list[str], flags: dict[str, str]) -> tuple[dict[str, Any], dict
                 over[key] = yaml.safe_load(val) if val != "" else ""
             except yaml.YAMLError:
                 over[key] = val
+            if key == "rewards" and isinstance(over[key], str):  # --rewards gold,proxy: names with their defaults
+                over[key] = [{"name": n.strip()} for n in over[key].split(",") if n.strip()]
         else:
             from fewstep_rl.config import closest
 
