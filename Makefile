@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-demo: install ## train the default method on the default world (DMD2 on toy2d for now)
+demo: install ## train the default method on the default world (DMD2 on shapes, < 15 min on 2 cores)
 	$(VENV)/bin/fewstep-rl fit --method dmd2
 
 test: install ## run the test suite (slow tests excluded)

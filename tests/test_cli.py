@@ -46,7 +46,7 @@ def test_wrong_type_and_unknown_section():
 
 
 def test_bad_world_config_is_clear():
-    p = run("fit", "--method", "dmd2", "--world.weights", "[1.0]")
+    p = run("fit", "--method", "dmd2", "--world", "toy2d", "--world.weights", "[1.0]")
     assert p.returncode == 2 and "world" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -58,7 +58,7 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
 
 
 def test_method_help_lists_typed_arguments():
-    p = run("fit", "--method", "dmd2", "--help")
+    p = run("fit", "--method", "dmd2", "--world", "toy2d", "--help")
     assert p.returncode == 0
     assert "--method.fake_updates_per_gen int" in p.stdout and "--world.means" in p.stdout
     assert "--trainer.max_steps" in p.stdout
@@ -111,3 +111,11 @@ def test_fit_sample_eval_end_to_end(tmp_path):
 def test_sample_bad_args_are_clear(bad, tmp_path):
     p = run("sample", "--teacher", "--prompt", "left", "--out", str(tmp_path / "a.npy"), *bad)
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_default_world_is_shapes_with_the_dmd2_preset():
+    p = run("fit", "--method", "dmd2", "--print_config")
+    assert p.returncode == 0, p.stderr
+    cfg = yaml.safe_load(p.stdout)
+    assert cfg["world"]["name"] == "shapes"
+    assert cfg["method"]["batch_size"] == 16 and cfg["method"]["backward_simulation"] is False  # configs/dmd2/shapes.yaml

@@ -8,7 +8,7 @@
                    [--guidance G] [--seed S] --out F
     fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
     fewstep-rl list methods|rewards|worlds
-    fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--minutes M] [--out DIR]
+    fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--calibration_steps N] [--minutes M] [--out DIR]
 
 Departure from architecture.md §3 (which names LightningCLI): the parser is our own, over typed dataclasses,
 because the public config layout (``method``/``world``/``rewards``/``trainer`` sections, ``--method.KEY``
@@ -315,14 +315,14 @@ def cmd_list(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------------------- world
 WORLD_FLAGS = {"seed": "value", "teacher_steps": "value", "proxy_steps": "value", "out": "value", "minutes": "value",
-               "skip_teacher": "bool", "skip_proxy": "bool", "help": "bool"}
+               "calibration_steps": "value", "skip_teacher": "bool", "skip_proxy": "bool", "help": "bool"}
 
 
 def cmd_world(argv: list[str]) -> int:
     """``fewstep-rl world shapes build``: retrain the shapes teacher and proxy from scratch and install them."""
     if len(argv) < 2 or argv[:2] != ["shapes", "build"]:
         raise UsageError("usage: fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] "
-                         "[--minutes M] [--out DIR] [--skip_teacher] [--skip_proxy]")
+                         "[--calibration_steps N] [--minutes M] [--out DIR] [--skip_teacher] [--skip_proxy]")
     opts, over = _parse(argv[2:], WORLD_FLAGS)
     if over:
         raise UsageError(f"unexpected options {sorted(over)}")
@@ -342,6 +342,13 @@ def cmd_world(argv: list[str]) -> int:
                                     max_minutes=_num(opts, "minutes", float))
         teacher.export(work, out / "teacher")
         print(json.dumps({"teacher": res}))
+    if not opts.get("skip_proxy") and _num(opts, "calibration_steps", int, 800) > 0:
+        from fewstep_rl.worlds.shapes import calibrate
+
+        tdir = out / "teacher" if (out / "teacher" / "transformer").is_dir() else None  # None: the shipped one
+        res = calibrate.calibrate_and_save(out, tdir, seed=seed,
+                                           steps=_num(opts, "calibration_steps", int, 800))
+        print(json.dumps({"proxy_calibration": res}))
     return 0
 
 

@@ -29,7 +29,7 @@ import yaml
 from fewstep_rl import registry
 from fewstep_rl.config import ConfigError, build, knob, to_dict, unknown_key_message
 
-DEFAULT_WORLD = "toy2d"
+DEFAULT_WORLD = "shapes"
 SECTIONS = ("method", "world", "rewards", "trainer")
 
 
