@@ -342,12 +342,12 @@ def cmd_world(argv: list[str]) -> int:
                                     max_minutes=_num(opts, "minutes", float))
         teacher.export(work, out / "teacher")
         print(json.dumps({"teacher": res}))
-    if not opts.get("skip_proxy") and _num(opts, "calibration_steps", int, 800) > 0:
+    if not opts.get("skip_proxy") and _num(opts, "calibration_steps", int, 4000) > 0:
         from fewstep_rl.worlds.shapes import calibrate
 
         tdir = out / "teacher" if (out / "teacher" / "transformer").is_dir() else None  # None: the shipped one
         res = calibrate.calibrate_and_save(out, tdir, seed=seed,
-                                           steps=_num(opts, "calibration_steps", int, 800))
+                                           steps=_num(opts, "calibration_steps", int, 4000))
         print(json.dumps({"proxy_calibration": res}))
     return 0
 

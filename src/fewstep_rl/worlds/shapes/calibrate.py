@@ -15,6 +15,13 @@ batches so it keeps what it knew:
 3. :func:`pool_spearman`: the acceptance figure — rank correlation of proxy and gold on *fresh* teacher samples
    (other seeds, the evaluation prompts including the held-out scenes) at 25 and 4 Euler steps with CFG 4.
 
+Shipped proxy (``assets/proxy.*``; pool 20 480 teacher samples → 81 920 labelled pairs, 4000 steps, ~30 min on
+one core): Spearman with gold on fresh teacher samples (1024 evaluation prompts) 0.599 at 25 Euler steps + CFG 4,
+0.588 at 4 steps, 0.616 pooled — up from 0.430 / 0.393 / 0.434 before calibration; held-out renders 0.845. Pool
+size mattered more than steps (4096 samples: 0.55 pooled; 12 288: 0.61 at n = 512); the fit on the pool itself
+reaches 0.80, so the rest is generalisation to new samples. The render-only proxy is kept in
+``assets/proxy-renders/`` (``{name: proxy, path: …/proxy-renders}``), a more hackable reward.
+
 The proxy stays a learned stand-in (a few hundred thousand parameters, no access to the verifier's rules), so
 optimising it hard still finds images it over-scores.
 """
@@ -172,8 +179,8 @@ def pool_spearman(
 
 
 def calibrate_and_save(
-    proxy_dir: str | Path, teacher_dir: str | Path | None, seed: int = 0, pool_n: int = 4096, steps: int = 800,
-    eval_n: int = 512, progress: bool = True,
+    proxy_dir: str | Path, teacher_dir: str | Path | None, seed: int = 0, pool_n: int = 20480, steps: int = 4000,
+    eval_n: int = 1024, progress: bool = True,
 ) -> dict[str, Any]:
     """Stage 2 of ``world shapes build``: load the render-trained proxy from ``proxy_dir``, calibrate it on a
     teacher-sample pool (training prompts), measure it and write it back (``proxy.json`` records both stages).
@@ -196,12 +203,13 @@ def calibrate_and_save(
     fit = calibrate_proxy(net, pool, steps=steps, seed=seed, progress=progress, pool_frac=0.75)
     after = pool_spearman(net, teacher_dir, n=eval_n) if eval_n else {}
     metrics = dict(info.get("metrics", {}))
-    metrics.update({f"renders_{k}": v for k, v in proxy_mod.evaluate_proxy(net, n=1024).items()})
-    metrics["teacher_samples_before"] = before
-    metrics["teacher_samples"] = after
+    metrics.update(proxy_mod.evaluate_proxy(net, n=1024))  # held-out renders, after calibration
+    metrics["teacher_samples_before"] = {"n": eval_n, **before}
+    metrics["teacher_samples"] = {"n": eval_n, **after}
     metrics["calibration_seconds"] = round(time.time() - t0, 1)
     metrics["calibration_final_loss"] = fit["final_loss"]
     training = dict(info.get("training", {}))
-    training["calibration"] = {"seed": seed, "pool": pool_n, "steps": steps, "samplers": [list(s) for s in SAMPLERS]}
+    training["calibration"] = {"seed": seed, "pool": pool_n, "steps": steps, "batch": 128, "lr": 5e-4, "pool_frac": 0.75,
+                               "samplers": [list(s) for s in SAMPLERS]}
     proxy_mod.save_proxy(net, proxy_dir, training, metrics)
     return metrics

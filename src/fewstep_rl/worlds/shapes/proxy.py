@@ -30,7 +30,9 @@ Known limit: the proxy is much better at colours, counts and positions than at t
 from a square, which is where the gold verifier is strict — a natural source of proxy-vs-gold gaps.
 
 The shipped weights (``assets/proxy.safetensors``, fp16, plus ``assets/proxy.json`` with the architecture, the
-training settings and held-out metrics) are rebuilt by :func:`train_proxy`.
+training settings and held-out metrics) are rebuilt by :func:`train_proxy` followed by the calibration on the
+teacher's own samples in :mod:`.calibrate` (``fewstep-rl world shapes build`` runs both); the render-only weights
+of :func:`train_proxy` alone are kept in ``assets/proxy-renders/``.
 """
 
 from __future__ import annotations
