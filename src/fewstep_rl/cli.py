@@ -109,7 +109,7 @@ def _method_help(method: str | None, world: str | None) -> str:
              f"{method}: {doc}"]
     if cls.paper:
         lines.append(f"paper: {cls.paper}")
-    p = preset_path(method, world)
+    p = preset_path(getattr(cls, "name", method), world)
     lines += ["", f"preset for world {world!r}: {p if p else '(none; dataclass defaults)'}", "",
               f"method options ({cls.Config.__name__}):", *help_lines(cls.Config, "method"), "",
               f"world options ({world}):", *help_lines(wcls.Config, "world"), "",

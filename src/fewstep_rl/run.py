@@ -151,7 +151,7 @@ def resolve(
     world = world or (merged.get("world") or {}).get("name") or DEFAULT_WORLD
     method_cls = registry.load("methods", method)
     world_cls = registry.load("worlds", world)
-    if use_preset and raw is None and (p := preset_path(method, world)) is not None:
+    if use_preset and raw is None and (p := preset_path(getattr(method_cls, "name", method), world)) is not None:
         merged = deep_merge(load_yaml(p), merged)
     for key in merged:
         if key not in SECTIONS:
