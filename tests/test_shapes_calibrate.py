@@ -13,7 +13,7 @@ def test_pool_labels_are_exact_gold_for_own_and_hard_negative_prompts():
     x, ps = calibrate.teacher_pool(None, w.train_prompts, 6, seed=0, samplers=(("euler", 2, 2.0), ("cps(1.0)", 2, 1.0)),
                                    batch=3)
     assert x.shape == (6, 3, 16, 16) and len(ps) == 6 and set(ps) <= set(w.train_prompts)
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     images, prompts, gold = calibrate.paired(x, ps, seed=1)
     assert images.shape[0] == 12 and prompts[:6] == ps and prompts[6:] != ps
     ref, _, _ = verify.score_batch(images, prompts)

@@ -1,0 +1,66 @@
+"""Plot proxy and gold against training steps for the DIDR / DI* / ReFL shapes runs (issue 7), one PNG.
+
+    python docs/results/plot_didr_shapes.py runs/i7_didr runs/i7_di_star runs/i7_refl \
+        --labels DIDR DI* ReFL --out docs/results/didr_shapes.png
+
+Each run directory holds the ``eval.jsonl`` written by ``fewstep-rl fit`` (evaluation of the EMA generator on the
+fixed evaluation prompts; ``reward/proxy`` is the training reward, ``gold`` the exact verifier). Panels: proxy vs
+step, gold vs step, and gold against proxy gain (the reward-hacking view: at equal proxy gain, higher gold = less
+hacking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["iteration"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories with eval.jsonl")
+    ap.add_argument("--labels", nargs="*", help="one label per run (default: directory names)")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/didr_shapes.png"))
+    args = ap.parse_args()
+    labels = args.labels or [r.name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise SystemExit(f"{len(args.runs)} runs but {len(labels)} labels")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for run, label in zip(args.runs, labels):
+        rows = load(run)
+        it = [r["iteration"] for r in rows]
+        proxy = [r["reward/proxy"] for r in rows]
+        gold = [r["gold"] for r in rows]
+        (line,) = axes[0].plot(it, proxy, marker="o", ms=3, label=label)
+        axes[1].plot(it, gold, marker="o", ms=3, label=label, color=line.get_color())
+        axes[2].plot([p - proxy[0] for p in proxy], gold, marker="o", ms=3, label=label, color=line.get_color())
+        print(
+            f"{label}: proxy {proxy[0]:.3f} -> {proxy[-1]:.3f}, gold {gold[0]:.3f} -> {gold[-1]:.3f} "
+            f"(iteration {it[-1]})"
+        )
+    axes[0].set(xlabel="training iteration", ylabel="proxy reward (training reward)", title="proxy")
+    axes[1].set(xlabel="training iteration", ylabel="gold (exact verifier)", title="gold")
+    axes[2].set(xlabel="proxy gain over init", ylabel="gold", title="gold at equal proxy gain")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("shapes, training reward = proxy; EMA generator, 4 steps, 256 eval prompts")
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Flow-GRPO (methods/flow_grpo.py): contract checks, PPO ratio, KL reference, init_from, toy2d behaviour."""
+
+import pytest
+import torch
+
+from fewstep_rl.config import ConfigError
+from fewstep_rl.testing.contract import role_state, run_fit, same, teacher_probe
+
+M = "fewstep_rl.methods.flow_grpo:FlowGRPO"
+SMALL = {"method.batch_size": 4, "method.group_size": 4, "method.lr": 1e-3}
+
+
+def _build(over):
+    from fewstep_rl.run import build_method, resolve
+
+    m = build_method(resolve(M, "toy2d", (), {"world.hidden": 32, "trainer.progress_bar": False, **over}))
+    m.configure_model()
+    return m
+
+
+def test_contract_roles_change_snapshots_and_teacher_frozen_checkpoint_slim(tmp_path):
+    fresh = _build(SMALL)
+    before, probe = role_state(fresh), teacher_probe(fresh)
+    ck = tmp_path / "a.ckpt"
+    module, _, logged = run_fit(M, tmp_path, steps=4, overrides=SMALL, save_as=str(ck))
+    after = role_state(module)
+    assert logged["_all_finite"] == 1.0 and "train/generator/loss" in logged
+    assert not same(before, after, "generator") and not same(before, after, "ema")
+    assert same(before, after, "ref_policy"), "the KL reference must stay frozen"
+    assert torch.equal(probe, teacher_probe(module))
+    sd = torch.load(ck, weights_only=False)["state_dict"]
+    n_role = sum(p.numel() for r in module.backbone.roles for p in module.backbone.role_parameters(r))
+    assert sum(v.numel() for v in sd.values()) == n_role
+    assert module.updates == {"generator": 4 * 2}  # two optimiser steps per epoch
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full, _, _ = run_fit(M, tmp_path / "full", steps=5, overrides=SMALL)
+    ck = tmp_path / "part" / "k.ckpt"
+    run_fit(M, tmp_path / "part", steps=5, overrides=SMALL, interrupt_after=2, save_as=str(ck))
+    resumed, _, _ = run_fit(M, tmp_path / "resumed", steps=5, overrides=SMALL, ckpt_path=str(ck))
+    a, b = role_state(full), role_state(resumed)
+    for role in a:
+        assert same(a, b, role), role
+    assert resumed.updates == full.updates
+
+
+def test_ppo_ratio_is_one_in_the_first_chunk_only(tmp_path):
+    _, _, logged = run_fit(M, tmp_path, steps=1, overrides=SMALL)
+    assert logged["train/ppo/log_ratio_max_abs_chunk0"] == 0.0  # same weights as the rollout
+    assert logged["train/ppo/log_ratio_max_abs_chunk1"] > 0.0  # after the first optimiser step
+
+
+def test_kl_to_reference_is_zero_at_start_and_grows():
+    m = _build(SMALL)
+    prompts = ["left", "right"] * 4
+    cond = m.backbone.encode_prompts(prompts)
+    m.cfg.opt_steps_per_epoch = 1
+    tr = m.rollout(prompts, [cond])[0]
+    adv = torch.linspace(-1, 1, len(prompts))
+    _, metrics = m.step_loss(tr, 0, cond, adv)
+    assert metrics["kl"].item() == 0.0
+    with torch.no_grad():
+        for p in m.backbone.role_parameters("generator"):
+            p.add_(0.05)
+    _, metrics = m.step_loss(tr, 0, cond, adv)
+    assert metrics["kl"].item() > 0.0
+
+
+def test_shared_init_noise_is_shared_within_groups():
+    m = _build({**SMALL, "method.shared_init_noise": True, "method.opt_steps_per_epoch": 1})
+    prompts = ["left"] * 4 + ["right"] * 4
+    tr = m.rollout(prompts, [m.backbone.encode_prompts(prompts)])[0]
+    x = tr.x_in[0]
+    assert torch.equal(x[0], x[3]) and torch.equal(x[4], x[7]) and not torch.equal(x[0], x[4])
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [({"method.transition": "euler"}, "deterministic"), ({"method.opt_steps_per_epoch": 3}, "opt_steps_per_epoch"),
+     ({"method.group_size": 1}, "group_size"), ({"method.transition": "ddim"}, "transition")],
+)
+def test_bad_config_is_rejected(over, match):
+    from fewstep_rl.run import resolve
+
+    with pytest.raises((ValueError, ConfigError), match=match):
+        resolve(M, "toy2d", (), {**SMALL, **over})
+
+
+def test_init_from_loads_generator_reference_and_ema(tmp_path):
+    ck = tmp_path / "a.ckpt"
+    src, _, _ = run_fit(M, tmp_path / "a", steps=2, overrides=SMALL, save_as=str(ck))
+    m = _build({**SMALL, "method.init_from": str(ck)})
+    for role in ("generator", "ref_policy", "ema"):
+        assert all(torch.equal(a, b) for a, b in zip(m.backbone.role_parameters(role),
+                                                     src.backbone.role_parameters("ema")))
+
+
+def test_flow_grpo_raises_the_reward_on_toy2d(tmp_path):
+    from fewstep_rl.eval.callbacks import evaluate_method
+
+    over = {"method.batch_size": 8, "method.group_size": 16, "method.lr": 1e-3, "method.ema_every": 1}
+    start = evaluate_method(_build(over), 2000, seed=11)[0]
+    module, _, _ = run_fit(M, tmp_path, steps=80, overrides=over)
+    end = evaluate_method(module, 2000, seed=11)[0]
+    assert end["reward_mean"] > start["reward_mean"] + 0.2, (start, end)
