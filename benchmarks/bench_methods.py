@@ -73,7 +73,7 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
     net = 0.0
     for (role, shape, grad), count in Counter(calls).items():  # each distinct pass timed alone, times its count
         cond = bb.encode_prompts([prompts[i % len(prompts)] for i in range(shape[0])])
-        x = torch.randn(shape)
+        x = torch.randn(shape, requires_grad=grad)  # grad passes of frozen roles (e.g. DIDR's DRP) differentiate x
         sigma = torch.rand(shape[0]) * 0.9 + 0.05
         reps = []
         for _ in range(5):
