@@ -1,6 +1,6 @@
 """Plot proxy and gold against training steps for the DIDR / DI* / ReFL shapes runs (issue 7), one PNG.
 
-    python docs/results/plot_didr_shapes.py runs/i7_didr runs/i7_di_star runs/i7_refl \
+    python docs/results/plot_didr_shapes.py runs/i7b/didr runs/i7b/di_star runs/i7b/refl \
         --labels DIDR DI* ReFL --out docs/results/didr_shapes.png
 
 Each run directory holds the ``eval.jsonl`` written by ``fewstep-rl fit`` (evaluation of the EMA generator on the
