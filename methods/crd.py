@@ -355,7 +355,7 @@ class CRD(FewStepMethod):
             opt.zero_grad(set_to_none=True)
             m = self.micro_batch_loss(x0[sl], prompts[sl], signal[sl], kl_signal[sl], group[sl], t_all[:, sl], gt)
             metrics.update({f"crd/{k}": v for k, v in m.items()})
-            metrics["generator/grad_norm"] = self._finish("generator")
+            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
             self.ema_update(self.ema)
         metrics["generator/loss"] = metrics["crd/crd_loss"]
         # 6. snapshot blending
@@ -369,16 +369,3 @@ class CRD(FewStepMethod):
         metrics.update({"decay_old": d_old, "decay_sampler": d_samp})
         self.log_metrics(metrics)
 
-    def _finish(self, role: str) -> float | None:
-        """Clip, step and count an accumulated update of ``role``."""
-        opt = self.opt(role)
-        factor = self.lr_factor()
-        for group in opt.optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-        norm = None
-        if self.cfg.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.backbone.role_parameters(role), self.cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.updates[role] += 1
-        return norm

@@ -208,22 +208,9 @@ class FlowGRPO(FewStepMethod):
                 metrics["ppo/clip_frac"] = m["clip_frac"]
                 if "kl" in m:
                     metrics["kl"] = m["kl"]
-            metrics["generator/grad_norm"] = self._finish("generator")
+            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
             # 4. parameter EMA
             self.ema_update(self.ema)
         metrics["generator/loss"] = metrics.get(f"generator/loss_chunk{len(trajs) - 1}")
         self.log_metrics(metrics)
 
-    def _finish(self, role: str) -> float | None:
-        """Clip, step and count an accumulated update of ``role``."""
-        opt = self.opt(role)
-        factor = self.lr_factor()
-        for group in opt.optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-        norm = None
-        if self.cfg.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.backbone.role_parameters(role), self.cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.updates[role] += 1
-        return norm

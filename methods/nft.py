@@ -195,7 +195,7 @@ class DiffusionNFT(FewStepMethod):
                 self.manual_backward(total / cfg.train_timesteps)
                 metrics["generator/loss"] = loss.detach()
                 metrics.update({f"nft/{key}": val for key, val in m.items()})
-            metrics["generator/grad_norm"] = self._finish("generator")
+            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
             self.ema_update(self.ema)
         # 4. old snapshot blending
         d_old = schedule_decay(self.updates["generator"], cfg.old_d0, cfg.old_kappa, cfg.old_n0, cfg.old_dmax)
@@ -204,16 +204,3 @@ class DiffusionNFT(FewStepMethod):
         metrics["decay_old"] = d_old
         self.log_metrics(metrics)
 
-    def _finish(self, role: str) -> float | None:
-        """Clip, step and count an accumulated update of ``role``."""
-        opt = self.opt(role)
-        factor = self.lr_factor()
-        for group in opt.optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-        norm = None
-        if self.cfg.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.backbone.role_parameters(role), self.cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.updates[role] += 1
-        return norm

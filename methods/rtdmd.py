@@ -431,7 +431,7 @@ class RTDMD(FewStepMethod):
             loss_f, m = self.fake_loss(xs, zero, conds[c], t, self.randn(xs.shape, gf).to(xs), f"consistency/{c}")
             self.manual_backward(loss_f / cfg.micro_batches)
         metrics.update(m, **{"fake_score/loss": loss_f.detach()})
-        metrics["fake_score/grad_norm"] = self._finish("fake_score")
+        metrics["fake_score/grad_norm"] = self.step_role("fake_score", self.cfg.grad_clip)
         # 5. generator: PPO on the selected steps + (DM + BP hinge) on the last step, accumulated
         self._stage_hparams("generator")
         opt_g = self.opt("generator")
@@ -453,26 +453,13 @@ class RTDMD(FewStepMethod):
             self.manual_backward(loss_a / terms)
             metrics.update(am)
         metrics["ppo/log_ratio_max_abs"] = ratio_dev
-        metrics["generator/grad_norm"] = self._finish("generator")
+        metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
         # 6. parameter EMA
         self.ema2.update(self.backbone, self.iteration - cfg.stage1_iterations)
         if self.keep_last_rollout:
             self.last_rollout = (selected, prompts, trajs)
         return metrics
 
-    def _finish(self, role: str) -> float | None:
-        """Clip, step and count an accumulated update of ``role`` (learning rate from ``lr_factor``)."""
-        opt = self.opt(role)
-        factor = self.lr_factor()
-        for group in opt.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        norm = None
-        if self.cfg.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.backbone.role_parameters(role), self.cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.updates[role] += 1
-        return norm
 
     # ------------------------------------------------------------------ the recipe
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -141,19 +141,6 @@ class TDM(FewStepMethod):
         loss_g = direction_loss(x0, x0_teacher - x0_fake, w, cfg.huber_c)
         return {"fake": loss_f, "generator": loss_g}
 
-    def _finish(self, role: str) -> float | None:
-        """Clip, step and count an accumulated update of ``role``."""
-        opt = self.opt(role)
-        factor = self.lr_factor()
-        for group in opt.optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-        norm = None
-        if self.cfg.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.backbone.role_parameters(role), self.cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.updates[role] += 1
-        return norm
 
     # ------------------------------------------------------------------ the recipe
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -180,8 +167,8 @@ class TDM(FewStepMethod):
             self.manual_backward((losses["fake"] + losses["generator"]) / len(steps))
             metrics["fake_score/loss"] = losses["fake"].detach()
             metrics["generator/loss"] = losses["generator"].detach()
-        metrics["fake_score/grad_norm"] = self._finish("fake_score")
-        metrics["generator/grad_norm"] = self._finish("generator")
+        metrics["fake_score/grad_norm"] = self.step_role("fake_score", self.cfg.grad_clip)
+        metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
         # 3. EMA
         self.ema_update(self.ema)
         self.log_metrics(metrics)

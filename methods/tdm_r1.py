@@ -391,19 +391,6 @@ class TDMR1(FewStepMethod):
                 for c in range(self.cfg.micro_batches)
             ]
 
-    def _finish(self, role: str) -> float | None:
-        """Clip, step and count an accumulated update of ``role``."""
-        opt = self.opt(role)
-        factor = self.lr_factor()
-        for group in opt.optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-        norm = None
-        if self.cfg.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.backbone.role_parameters(role), self.cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.updates[role] += 1
-        return norm
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         cfg = self.cfg
@@ -455,7 +442,7 @@ class TDMR1(FewStepMethod):
                 metrics.update(mg)
         # 4. one step per role in the order fake → surrogate → generator; snapshots
         for role in ("fake_score", "surrogate", "generator"):
-            metrics[f"{role}/grad_norm"] = self._finish(role)
+            metrics[f"{role}/grad_norm"] = self.step_role(role, self.cfg.grad_clip)
         n_sur = self.updates["surrogate"] - 1
         blend_role(
             self.backbone,

@@ -106,12 +106,17 @@ class FewStepMethod(L.LightningModule):
 
     def update(self, role: str, loss: Tensor, clip: float | None = None) -> float | None:
         """One optimiser step of ``role`` on ``loss``: zero → backward → clip → step. Returns the grad norm."""
+        self.opt(role).zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        return self.step_role(role, clip)
+
+    def step_role(self, role: str, clip: float | None = None) -> float | None:
+        """Clip, step and count the gradient accumulated in ``role`` (learning rate × :meth:`lr_factor`); used by
+        :meth:`update` and directly by methods that accumulate several backward passes. Returns the grad norm."""
         opt = self.opt(role)
         factor = self.lr_factor()
         for group in opt.optimizer.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
         norm = None
         if clip:
             norm = float(torch.nn.utils.clip_grad_norm_(self.backbone.role_parameters(role), clip))
