@@ -52,13 +52,16 @@ hinge in its linear part the last step then follows ``∇[KL_t(q‖p) − E r/β
 β"); ``beta`` is then only the temperature used by evaluation. ``ppo_weight`` scales the likelihood-ratio part.
 
 Deviations from the paper / reference code:
-    * No merge of the stage-1 adapters into the base at the boundary. This framework has one frozen base shared by
-      every role, and ``Backbone.merge_role`` makes the *teacher* equal to the merged role (backbones/base.py), while
-      RTDMD keeps three separate transformers (original teacher for the aux DMD term, generator base = merged
-      stage-1 generator EMA, fake base = merged stage-1 fake). Merging would change the teacher of stage 2's DM term
-      and put the fake adapter on the wrong base. Instead the stage-1 adapters keep training (generator restarted
-      from its EMA, fresh optimiser states, stage-2 learning rates): the same function at the boundary, a different
-      (rank-r instead of 2r) parameterisation of the stage-2 update.
+    * The stage-boundary merge ("merge the stage-1 adapters into the base, start fresh ones") is a *private* merge:
+      the paper keeps separate transformers for teacher, generator and fake score, while here they are roles over
+      one base, and merging into that base would change the teacher of stage 2's DM term. So the boundary calls
+      ``Backbone.fold_role`` (backbones/base.py): the generator restarts from its EMA, then the generator's adapter
+      is frozen into the private base of the generator and the EMA role, and the fake score's into its own; all
+      three continue on fresh zero-output adapters (the same function as the paper's merged-weights-plus-new-LoRA;
+      the frozen adapter costs one extra rank-r LoRA product per forward instead of being folded into W). Full-copy
+      roles have nothing to freeze. ``merge_at_boundary: false`` keeps training the stage-1 adapters instead (the
+      only option once the backbone is sharded with FSDP2, where folding is not supported; run stage 2 with
+      ``init_from`` to fold before sharding is not implemented either).
     * Generator step on iterations with ``iteration % ttur == 0`` (the code: ``(it+1) % 10 == 0``) — a phase shift.
     * An epoch is one prompt batch per rank (``batch_size`` prompts × ``group_size``), rolled out in ``micro_batches``
       chunks that are also the training micro-batches (no shuffle between rollout and training, so a chunk's
@@ -163,6 +166,9 @@ class RTDMDConfig:
     aux_t_max: float = knob(0.98, "stage-2 DM re-noising level upper bound")
     fake_t_min: float = knob(0.02, "stage-2 fake refresh level lower bound")
     fake_t_max: float = knob(0.98, "stage-2 fake refresh level upper bound")
+    merge_at_boundary: bool = knob(
+        True, "stage 2 starts fresh adapters on top of the frozen stage-1 ones (paper's merge); false: keep training"
+    )
     ema_decay_stage2: float = knob(0.9, "stage-2 parameter-EMA decay (with warm-up)")
     ema_every_stage2: int = knob(8, "stage-2 EMA every this many generator steps")
 
@@ -231,6 +237,8 @@ class RTDMD(FewStepMethod):
         super().configure_model()
         if fresh and self.cfg.init_from:
             load_roles(self.backbone, self.cfg.init_from, {"generator": "ema", "fake_score": "fake_score", "ema": "ema"})
+            if self.cfg.stage1_iterations == 0:
+                self._fold_stage1()
 
     def sampling_transition(self) -> Transition:
         return self.chain
@@ -255,10 +263,19 @@ class RTDMD(FewStepMethod):
         return self.update(role, loss, self.cfg.grad_clip)
 
     def _enter_stage2(self) -> None:
-        """Stage boundary: generator ← its EMA, fresh optimiser moments (see the module docstring)."""
+        """Stage boundary: generator ← its EMA, stage-1 adapters frozen under fresh ones, fresh optimiser moments."""
         copy_role(self.backbone, "generator", "ema")
+        self._fold_stage1()
         for role in self.trainable_roles:
             self.opt(role).optimizer.state.clear()
+
+    def _fold_stage1(self) -> None:
+        """The paper's "merge the stage-1 adapters into the base and start fresh ones", per role (module docstring):
+        the generator (= its EMA here) into the generator's and the EMA's private base, the fake score into its own."""
+        if not self.cfg.merge_at_boundary:
+            return
+        self.backbone.fold_role("generator", into=["ema"])
+        self.backbone.fold_role("fake_score")
 
     # ------------------------------------------------------------------ shared pieces
     def _renoise(self, x_s: Tensor, s: Tensor, tag: str) -> tuple[Tensor, Tensor, Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ class ProxyConfig:
     """Knobs of :class:`ProxyReward`."""
 
     path: str | None = knob(None, "proxy weights (proxy.safetensors or its folder, with proxy.json); null = shipped")
+    variant: Literal["calibrated", "renders"] = knob(
+        "calibrated", "shipped proxy: calibrated on teacher samples, or trained on renders only (more hackable)"
+    )
     scale: float = knob(1.0, "multiplier of the score sigmoid(logit) ∈ (0, 1)")
 
 
@@ -45,7 +49,10 @@ class ProxyReward(Reward):
 
     def __init__(self, cfg: ProxyConfig | None = None) -> None:
         super().__init__(cfg)
-        self.net = proxy.load_proxy(self.cfg.path)
+        if self.cfg.path is not None and self.cfg.variant != "calibrated":
+            raise ValueError("reward 'proxy': give either path or variant, not both")
+        path = self.cfg.path or (proxy.ASSETS / "proxy-renders" if self.cfg.variant == "renders" else None)
+        self.net = proxy.load_proxy(path)
 
     def score(self, samples: Tensor, prompts: Sequence[str], meta: Sequence[dict]) -> Tensor:
         _check_images(self.name, samples)

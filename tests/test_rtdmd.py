@@ -139,7 +139,8 @@ def test_contract_roles_change_teacher_frozen_checkpoint_slim(tmp_path):
     sd = torch.load(ck, weights_only=False)["state_dict"]
     assert all(k.startswith("backbone.") and module.backbone.is_role_key(k[9:]) for k in sd)
     n_role = sum(p.numel() for r in module.backbone.roles for p in module.backbone.role_parameters(r))
-    assert sum(v.numel() for v in sd.values()) == n_role
+    n_fold = sum(p.numel() for p in module.backbone.folded.parameters())  # frozen stage-1 adapters (boundary at 3)
+    assert n_fold == 2 * n_role // 3 and sum(v.numel() for v in sd.values()) == n_role + n_fold
     assert module.updates == {"generator": 1 + 3, "fake_score": 6}  # stage 1: ttur 10 → only iteration 0
 
 
@@ -154,16 +155,42 @@ def test_resume_across_the_stage_boundary_is_bit_exact(tmp_path, interrupt):
     a, b = role_state(full), role_state(resumed)
     for role in a:
         assert same(a, b, role), f"role {role} differs after resuming at {interrupt}"
+    fa, fb = full.backbone.folded.state_dict(), resumed.backbone.folded.state_dict()  # the frozen stage-1 adapters
+    assert fa and list(fa) == list(fb) and all(torch.equal(fa[k], fb[k]) for k in fa)
     assert resumed.updates == full.updates == {"generator": 2 + 3, "fake_score": 6}
 
 
 def test_stage_boundary_restarts_generator_from_ema(tmp_path):
     over = {"method.stage1_iterations": 3, **S2}
     m, _, _ = run_fit(M, tmp_path / "s1", steps=3, overrides=over)
+    bb = m.backbone
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    cond, s = bb.encode_prompts(["left", "right"] * 32), torch.rand(64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = {r: bb.velocity(x, s, cond, r) for r in ("teacher", "ema", "fake_score")}
+    assert not torch.allclose(before["ema"], before["teacher"]) and not torch.allclose(before["fake_score"],
+                                                                                       before["teacher"])
+    m._enter_stage2()
+    # the paper's merge, per role: the stage-1 adapters become frozen private bases, fresh adapters train on top
+    assert bb.folds == ["fold0__generator__ema", "fold1__fake_score"]
+    with torch.no_grad():
+        after = {r: bb.velocity(x, s, cond, r) for r in ("teacher", "generator", "ema", "fake_score")}
+    assert torch.equal(after["teacher"], before["teacher"])  # stage 2's DM term still uses the original teacher
+    for r, ref in (("generator", "ema"), ("ema", "ema"), ("fake_score", "fake_score")):
+        torch.testing.assert_close(after[r], before[ref], rtol=0, atol=1e-6)
+        assert float(bb.adapters[r].last.weight.abs().sum()) == 0, r  # fresh zero-output adapter
+    trainable = {id(p) for r in m.trainable_roles for p in bb.role_parameters(r)}
+    assert not trainable & {id(p) for p in bb.folded.parameters()}
+    assert all(len(m.opt(r).optimizer.state) == 0 for r in m.trainable_roles)
+
+
+def test_stage_boundary_without_merge_keeps_training_the_stage1_adapters(tmp_path):
+    over = {"method.stage1_iterations": 3, "method.merge_at_boundary": False, **S2}
+    m, _, _ = run_fit(M, tmp_path / "s1", steps=3, overrides=over)
     ema = [p.detach().clone() for p in m.backbone.role_parameters("ema")]
     m._enter_stage2()
+    assert m.backbone.folds == []
     assert all(torch.equal(a, b) for a, b in zip(ema, m.backbone.role_parameters("generator")))
-    assert all(len(m.opt(r).optimizer.state) == 0 for r in m.trainable_roles)
 
 
 def test_ppo_ratio_is_exactly_one_at_the_first_inner_step(tmp_path):
@@ -176,8 +203,19 @@ def test_init_from_loads_generator_from_ema_and_fake_score(tmp_path):
     ck = tmp_path / "s1.ckpt"
     src, _, _ = run_fit(M, tmp_path / "a", steps=3, overrides={"method.batch_size": 8}, save_as=str(ck))
     m = _build({"method.stage1_iterations": 0, "method.init_from": str(ck), "method.batch_size": 8})
+    bb = m.backbone
+    assert bb.folds == ["fold0__generator__ema", "fold1__fake_score"]  # stage 2 alone folds at once
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    cond, t = bb.encode_prompts(["left", "right"] * 32), torch.rand(64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for dst, s in (("generator", "ema"), ("ema", "ema"), ("fake_score", "fake_score")):
+            torch.testing.assert_close(bb.velocity(x, t, cond, dst), src.backbone.velocity(x, t, cond, s), rtol=0,
+                                       atol=1e-6)
+    plain = _build({"method.stage1_iterations": 0, "method.init_from": str(ck), "method.batch_size": 8,
+                    "method.merge_at_boundary": False})
     for dst, s in (("generator", "ema"), ("ema", "ema"), ("fake_score", "fake_score")):
-        assert all(torch.equal(a, b) for a, b in zip(m.backbone.role_parameters(dst), src.backbone.role_parameters(s)))
+        assert all(torch.equal(a, b) for a, b in zip(plain.backbone.role_parameters(dst),
+                                                     src.backbone.role_parameters(s)))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         _build({"method.init_from": str(tmp_path / "missing.ckpt")})
 

@@ -229,6 +229,54 @@ def test_merge_reset_and_state_dict_round_trip(world, mode):
         assert torch.equal(a, b)  # resets are deterministic (seeded by role and reset count)
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fold_role_gives_chosen_roles_a_private_base(world, mode):
+    """fold_role: the folded roles keep their function on a fresh adapter; teacher and other roles are untouched."""
+    bb = _with_roles(world, mode)
+    _perturb(bb, "generator")
+    _perturb(bb, "fake_score", seed=2)
+    _perturb(bb, "ema", seed=3)
+    x, sigma, cond = _noise(bb), torch.tensor([0.8, 0.3]), bb.encode_prompts(PROMPTS)
+    roles = ("teacher", "generator", "fake_score", "ema")
+    with torch.no_grad():
+        before = {r: bb.velocity(x, sigma, cond, role=r) for r in roles}
+        bb.fold_role("generator", into=["ema"])  # generator and ema both become the old generator
+        bb.fold_role("fake_score")
+        after = {r: bb.velocity(x, sigma, cond, role=r) for r in roles}
+    assert torch.equal(after["teacher"], before["teacher"])  # the shared base is not touched
+    assert (after["generator"] - before["generator"]).abs().max() < 1e-5
+    assert (after["ema"] - before["generator"]).abs().max() < 1e-5 and not torch.allclose(after["ema"], before["ema"])
+    assert (after["fake_score"] - before["fake_score"]).abs().max() < 1e-5
+    assert int(bb.base_merges) == 0
+    if mode == "lora":
+        assert bb.folds == ["fold0__generator__ema", "fold1__fake_score"]
+        assert bb.folds_of("ema") == ["fold0__generator__ema"] and bb.folds_of("teacher") == []
+        for r in ("generator", "ema", "fake_score"):  # fresh zero-output adapters on top
+            assert all(float(p.abs().sum()) == 0 for n, p in zip(range(10**6), bb.role_parameters(r)) if n % 2)
+        fold_params = [p for n, p in bb.transformer.named_parameters() if ".fold0__" in n]
+        assert fold_params and not any(p.requires_grad for p in fold_params)
+        assert not {id(p) for p in fold_params} & {id(p) for r in bb.roles for p in bb.role_parameters(r)}
+        # the fresh adapter trains: a gradient reaches it, none reaches the fold
+        bb.velocity(x, sigma, cond, role="generator").square().mean().backward()
+        assert all(p.grad is None for p in fold_params)
+        assert any(p.grad is not None for p in bb.role_parameters("generator"))
+        bb.zero_grad(set_to_none=True)
+        with pytest.raises(ValueError, match="sits on folds"):
+            bb.fold_role("generator", into=["fake_score"])
+        with pytest.raises(ValueError, match="sits on folds"):
+            bb.merge_role("generator")
+    _perturb(bb, "generator", seed=4)
+    kept = {k: v for k, v in bb.state_dict().items() if bb.is_role_key(k)}
+    fresh = _with_roles(world, mode)  # a resumed run: folds come back from the checkpoint alone
+    fresh.load_state_dict(kept, strict=False)
+    assert fresh.folds == bb.folds
+    with torch.no_grad():
+        for role in roles:
+            assert torch.equal(fresh.velocity(x, sigma, cond, role=role), bb.velocity(x, sigma, cond, role=role))
+    assert all(not p.requires_grad for n, p in fresh.transformer.named_parameters() if ".fold" in n)
+    assert all(p.requires_grad for p in fresh.role_parameters("generator"))
+
+
 def test_checkpoint_keys_before_any_merge(world):
     bb = _with_roles(world)
     keys = [k for k in bb.state_dict() if bb.is_role_key(k)]

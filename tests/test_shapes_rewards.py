@@ -165,3 +165,16 @@ def test_train_proxy_smoke(tmp_path):
     assert set(metrics) >= {"spearman", "pearson", "mae", "train_seconds"}
     net = proxy.load_proxy(tmp_path)
     assert torch.isfinite(net.score(torch.rand(2, 3, 16, 16), ["a red circle", "two blue squares"])).all()
+
+
+def test_proxy_variant_selects_the_render_only_weights(scenes):
+    from fewstep_rl.rewards.shapes import ProxyConfig
+
+    imgs, prompts, _ = scenes
+    renders = ProxyReward(ProxyConfig(variant="renders"))
+    by_path = ProxyReward(ProxyConfig(path=str(proxy.ASSETS / "proxy-renders")))
+    calibrated = ProxyReward()
+    r = renders(imgs, prompts)
+    assert torch.equal(r, by_path(imgs, prompts)) and not torch.allclose(r, calibrated(imgs, prompts))
+    with pytest.raises(ValueError, match="either path or variant"):
+        ProxyReward(ProxyConfig(path=str(proxy.ASSETS / "proxy-renders"), variant="renders"))

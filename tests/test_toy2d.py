@@ -306,3 +306,38 @@ def test_energy_distance():
     assert energy_distance(a, b + torch.tensor([1.0, 0.0])) > 0.3
     with pytest.raises(ValueError):
         energy_distance(torch.zeros(1, 2), torch.zeros(5, 2))
+
+
+
+def test_fold_role_keeps_function_and_teacher_and_round_trips():
+    bb = mixture_backbone()
+    add_roles(bb, ["generator", "fake_score"], {"ema": "generator"})
+    with torch.no_grad():
+        bb.adapters["generator"].last.weight.normal_(generator=gen(5))
+        bb.adapters["fake_score"].last.bias.fill_(0.5)
+    x, c, s = torch.randn(16, 2, generator=gen()), bb.encode_prompts(["", "a", "bc", "a"] * 4), 0.4
+    before = {r: bb.velocity(x, s, c, r) for r in ("teacher", "generator", "fake_score", "ema")}
+    bb.fold_role("generator", into=["ema"])
+    assert bb.folds == ["fold0__generator__ema"] and bb.folds_of("fake_score") == []
+    torch.testing.assert_close(bb.velocity(x, s, c, "generator"), before["generator"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(bb.velocity(x, s, c, "ema"), before["generator"], rtol=0, atol=1e-12)
+    assert torch.equal(bb.velocity(x, s, c, "teacher"), before["teacher"])
+    assert torch.equal(bb.velocity(x, s, c, "fake_score"), before["fake_score"])
+    assert float(bb.adapters["generator"].last.weight.abs().sum()) == 0  # a fresh adapter on top
+    assert all(not p.requires_grad for p in bb.folded.parameters())
+    bb.velocity(x, s, c, "generator").sum().backward()
+    assert all(p.grad is None for p in bb.folded.parameters())
+    with pytest.raises(ValueError, match="sits on folds"):
+        bb.fold_role("fake_score", into=["generator"])
+    with pytest.raises(KeyError, match="unknown role"):
+        bb.fold_role("nope")
+    with torch.no_grad():
+        bb.adapters["generator"].last.bias.fill_(-0.25)
+    fresh = mixture_backbone()
+    add_roles(fresh, ["generator", "fake_score"], {"ema": "generator"})
+    fresh.load_state_dict(bb.state_dict())  # strict: the fold comes back from the state dict
+    assert fresh.folds == bb.folds and not any(p.requires_grad for p in fresh.folded.parameters())
+    for r in ("teacher", "generator", "fake_score", "ema"):
+        assert torch.equal(fresh.velocity(x, s, c, r), bb.velocity(x, s, c, r)), r
+    with pytest.raises(ValueError, match="letters, digits"):
+        bb.add_role("a__b")

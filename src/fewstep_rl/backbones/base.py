@@ -7,10 +7,20 @@ residual MLPs for the analytic toy2d teacher, or full copies); :mod:`fewstep_rl.
 role is stored.
 
 Role names ``"teacher"`` and ``"reference"`` (and ``None``) always mean the frozen base with every adapter off.
+
+Two ways to make an adapter permanent (both part of the checkpoint):
+
+* :meth:`Backbone.merge_role` folds a role into the base *every* role and the teacher share (the teacher changes).
+* :meth:`Backbone.fold_role` folds a role into the private base of chosen roles only: a frozen copy of its adapter
+  (a *fold*, named ``fold<k>__<role>__<role>…`` after the roles it serves) stays active under those roles, which
+  restart from fresh zero-output adapters on top. The teacher and every other role are unchanged. This is RTDMD's
+  "merge the stage-1 adapters into the base and start fresh ones" (methods.md §2) when the generator, the fake score
+  and the teacher are separate networks in the paper but roles over one base here.
 """
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,6 +29,15 @@ import torch
 from torch import Tensor, nn
 
 BASE_ROLES = ("teacher", "reference")
+_FOLD = re.compile(r"^fold(\d+)__([A-Za-z0-9_]+)$")
+
+
+def parse_fold(name: str) -> tuple[int, tuple[str, ...]] | None:
+    """``(index, member roles)`` of a fold adapter name ``fold<k>__<role>__<role>…``; ``None`` for other names."""
+    m = _FOLD.match(name)
+    if m is None:
+        return None
+    return int(m.group(1)), tuple(m.group(2).split("__"))
 
 
 class BackboneLoadError(ValueError):
@@ -42,6 +61,7 @@ class Backbone(nn.Module, ABC):
         super().__init__()
         self.roles: list[str] = []
         self.trainable: dict[str, bool] = {}
+        self.folds: list[str] = []  # fold adapters in creation order (see fold_role)
 
     # ---------------------------------------------------------------- prediction
     def velocity(
@@ -128,6 +148,57 @@ class Backbone(nn.Module, ABC):
         merged deltas are part of the checkpoint (see ``is_role_key``), so a resumed run rebuilds the same base.
         """
 
+    def fold_role(self, name: str, into: Sequence[str] = ()) -> None:
+        """Fold role ``name`` into the private base of ``name`` and the roles ``into``; reset them to zero output.
+
+        Afterwards each of those roles computes exactly what ``name`` computed before (its base now includes a frozen
+        copy of ``name``'s adapter, a *fold*), with a fresh zero-output trainable adapter on top; the teacher and
+        every other role are unchanged. The folded roles must share ``name``'s current folds (e.g. a generator and
+        its EMA). Full-copy roles have no adapter to freeze: ``into`` roles become copies of ``name``.
+
+        Raises:
+            KeyError: for an unknown role.
+            ValueError: if a role in ``into`` sits on different folds than ``name``.
+        """
+        members = self._fold_members(name, into)
+        self._fold(name, members, f"fold{len(self.folds)}__" + "__".join(members))
+
+    def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support fold_role")
+
+    def folds_of(self, role: str | None) -> list[str]:
+        """The fold adapters active under ``role`` (its private base), in creation order."""
+        if role is None or role in BASE_ROLES:
+            return []
+        return [f for f in self.folds if role in parse_fold(f)[1]]  # type: ignore[index]
+
+    def _fold_members(self, name: str, into: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(into, str):
+            into = (into,)
+        members = tuple(dict.fromkeys([name, *into]))
+        for r in members:
+            if r not in self.roles:
+                raise KeyError(f"fold_role: unknown role {r!r}; this backbone has roles {self.roles}")
+        for r in members:
+            if self.folds_of(r) != self.folds_of(name):
+                raise ValueError(
+                    f"fold_role: role {r!r} sits on folds {self.folds_of(r)} but {name!r} on {self.folds_of(name)}; "
+                    "only roles with the same private base can share a fold"
+                )
+        if any(hasattr(p, "device_mesh") for r in members for p in self.role_parameters(r)):
+            raise RuntimeError("fold_role is not supported once the backbone is sharded with FSDP2 (fold before "
+                               "sharding, or keep training the adapters — RTDMD: method.merge_at_boundary false)")
+        return members
+
+    def _register_fold(self, fold_name: str) -> None:
+        """Record a fold adapter created by a family (at fold time or when a checkpoint brings one)."""
+        parsed = parse_fold(fold_name)
+        if parsed is None:
+            raise ValueError(f"not a fold adapter name: {fold_name!r}")
+        if fold_name not in self.folds:
+            self.folds.append(fold_name)
+            self.folds.sort(key=lambda f: parse_fold(f)[0])  # type: ignore[index]
+
     @abstractmethod
     def is_role_key(self, key: str) -> bool:
         """Whether state-dict key ``key`` (relative to this module) belongs to a role or a merged delta.
@@ -145,6 +216,8 @@ class Backbone(nn.Module, ABC):
             raise ValueError(f"role name {name!r} is reserved for the frozen base")
         if name in self.roles:
             raise ValueError(f"role {name!r} already exists")
+        if "__" in name or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise ValueError(f"role names are letters, digits and single underscores; got {name!r}")
         self.roles.append(name)
         self.trainable[name] = trainable
 

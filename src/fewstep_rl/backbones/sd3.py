@@ -31,10 +31,15 @@ Roles (architecture.md §3).
   ``lora_A`` is (re-)initialised from a generator seeded by (role, reset count, layer), never the global RNG.
   :meth:`merge_role` folds ``scale·B·A`` into the base weights and records the factors in ``merged`` (persistent
   buffers, part of the checkpoint); loading a state dict replays records the backbone has not applied yet.
+  :meth:`fold_role` adds a frozen peft adapter ``fold<k>__<roles>`` holding a copy of the role's ``A``/``B``; it is
+  activated together with each member role's own adapter (peft sums active adapters), so those roles keep their
+  function on a private base while the teacher and the other roles are untouched. Loading a state dict creates
+  the fold adapters it names.
 * ``roles_mode="full"``: each role is a full copy of the transformer in ``copies``; a merge copies the role into
-  the base, which from then on is part of the checkpoint (``base_merges > 0``).
+  the base, which from then on is part of the checkpoint (``base_merges > 0``); a fold copies the role into the
+  other member roles (a full copy has no adapter to freeze).
 
-Not supported under FSDP2 sharding: :meth:`reset_role`, :meth:`merge_role` and loading merge records (they write
+Not supported under FSDP2 sharding: :meth:`reset_role`, :meth:`merge_role`, :meth:`fold_role` and loading merge records (they write
 whole tensors into possibly sharded parameters). Gradient checkpointing would recompute a forward with whatever
 adapter is active at backward time, so keep it off when roles are interleaved.
 """
@@ -53,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep_rl.backbones.base import Backbone, BackboneLoadError
+from fewstep_rl.backbones.base import Backbone, BackboneLoadError, parse_fold
 from fewstep_rl.backbones.sd3_text import sd3_prompt_embeds
 from fewstep_rl.sampling.noise import stable_hash
 
@@ -161,6 +166,7 @@ class SD3Backbone(Backbone):
         self._active: Any = _UNSET
         self._layers: list[tuple[str, nn.Module]] | None = None
         self.register_load_state_dict_pre_hook(self._replay_merges)
+        self.register_load_state_dict_pre_hook(self._grow_folds)
 
     # ---------------------------------------------------------------- construction / export
     @classmethod
@@ -399,11 +405,12 @@ class SD3Backbone(Backbone):
         """Make only ``role``'s adapter active (``None``: all off), then restore every adapter's requires_grad."""
         if role == self._active or not self.roles:
             return
+        active = None if role is None else [role, *self.folds_of(role)]
         for _, layer in self._lora_layers():
-            if role is None:
+            if active is None:
                 layer.enable_adapters(False)
             else:
-                layer.set_adapter(role)
+                layer.set_adapter(active if len(active) > 1 else role)
                 if layer.disable_adapters:
                     layer.enable_adapters(True)
         self._active = role
@@ -415,6 +422,9 @@ class SD3Backbone(Backbone):
                 flag = self.trainable[r]
                 layer.lora_A[r].requires_grad_(flag)
                 layer.lora_B[r].requires_grad_(flag)
+            for f in self.folds:
+                layer.lora_A[f].requires_grad_(False)
+                layer.lora_B[f].requires_grad_(False)
 
     @torch.no_grad()
     def _init_lora(self, name: str) -> None:
@@ -436,6 +446,12 @@ class SD3Backbone(Backbone):
         if self.roles_mode == "full":
             self.copies[name] = copy.deepcopy(self.transformer).requires_grad_(trainable)
             return
+        self._add_adapter(name)
+        self._init_lora(name)
+        self._restore_grad()
+
+    def _add_adapter(self, name: str) -> None:
+        """A peft LoRA adapter ``name`` on every target layer (weights set by the caller)."""
         from peft import LoraConfig
 
         cfg = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=list(self.lora_targets),
@@ -447,8 +463,6 @@ class SD3Backbone(Backbone):
             self.transformer.add_adapter(cfg, adapter_name=name)  # peft's own init draws from the global RNG
         self._layers = None
         self._active = _UNSET
-        self._init_lora(name)
-        self._restore_grad()
 
     def _check_role(self, name: str) -> None:
         if name not in self.roles:
@@ -474,9 +488,50 @@ class SD3Backbone(Backbone):
         self._init_lora(name)
 
     @torch.no_grad()
+    def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        """LoRA: frozen adapter ``fold_name`` = copy of ``name``'s, members reset. Full: members ← copy of ``name``."""
+        if self.roles_mode == "full":
+            for r in members:
+                if r != name:
+                    for d, s in zip(self.copies[r].parameters(), self.copies[name].parameters(), strict=True):
+                        d.copy_(s)
+            return
+        self._add_adapter(fold_name)
+        for _, layer in self._lora_layers():
+            layer.lora_A[fold_name].weight.copy_(layer.lora_A[name].weight)
+            layer.lora_B[fold_name].weight.copy_(layer.lora_B[name].weight)
+        self._register_fold(fold_name)
+        for r in members:
+            self.reset_role(r)
+        self._active = _UNSET
+        self._restore_grad()
+
+    def _grow_folds(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Load pre-hook: create the (frozen) fold adapters the incoming state dict names and this backbone lacks."""
+        if self.roles_mode != "lora":
+            return
+        found = set()
+        for k in state_dict:
+            if k.startswith(prefix) and ".lora_A." in k:
+                name = k.split(".lora_A.", 1)[1].split(".", 1)[0]
+                if parse_fold(name) is not None:
+                    found.add(name)
+        for name in sorted(found - set(self.folds), key=lambda f: parse_fold(f)[0]):  # type: ignore[index]
+            missing = [r for r in parse_fold(name)[1] if r not in self.roles]  # type: ignore[index]
+            if missing:
+                raise RuntimeError(f"state dict has fold {name!r} for role(s) {missing} this backbone lacks "
+                                   f"(roles here: {self.roles})")
+            self._add_adapter(name)
+            self._register_fold(name)
+            self._restore_grad()
+
+    @torch.no_grad()
     def merge_role(self, name: str) -> None:
         """Fold role ``name`` into the base (``W += scale·B·A``, or base ← copy), record it, reset the role."""
         self._check_role(name)
+        if self.folds_of(name):
+            raise ValueError(f"merge_role: role {name!r} sits on folds {self.folds_of(name)}; merging it is not "
+                             "supported")
         if self.roles_mode == "full":
             for d, s in zip(self.transformer.parameters(), self.copies[name].parameters(), strict=True):
                 d.copy_(s)

@@ -141,6 +141,7 @@ class GaussianMixtureBackbone(Backbone):
     Attributes:
         adapters: one :class:`ResidualMLP` per role.
         merged: frozen adapters folded into the base by :meth:`merge_role`.
+        folded: frozen adapters folded into some roles' private bases by :meth:`fold_role`, keyed by fold name.
         prompt_components: prompt → component indices, including ``""``.
     """
 
@@ -185,6 +186,7 @@ class GaussianMixtureBackbone(Backbone):
         self._exact_masters = {k: getattr(self, k).clone() for k in ("means", "stds", "weights", "prompt_weights")}
         self.adapters = nn.ModuleDict()
         self.merged = nn.ModuleList()
+        self.folded = nn.ModuleDict()
         self._resets: dict[str, int] = {}
         self._register_load_state_dict_pre_hook(self._grow_merged, with_module=True)
 
@@ -289,6 +291,8 @@ class GaussianMixtureBackbone(Backbone):
         for m in self.merged:
             v = v + m(x, sigma, cond).reshape(x.shape)
         if role is not None:
+            for f in self.folds_of(role):
+                v = v + self.folded[f](x, sigma, cond).reshape(x.shape)
             v = v + self.adapters[role](x, sigma, cond).reshape(x.shape)
         return v
 
@@ -336,13 +340,23 @@ class GaussianMixtureBackbone(Backbone):
         """
         if name not in self.adapters:
             raise KeyError(f"unknown role {name!r}; this backbone has roles {self.roles}")
+        if self.folds_of(name):
+            raise ValueError(f"merge_role: role {name!r} sits on folds {self.folds_of(name)}; merging it is not "
+                             "supported")
         frozen = copy.deepcopy(self.adapters[name]).requires_grad_(False)
         self.merged.append(frozen)
         self.reset_role(name)
 
+    def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        """A frozen copy of ``name``'s adapter under ``fold_name``; every member role gets a fresh adapter."""
+        self.folded[fold_name] = copy.deepcopy(self.adapters[name]).requires_grad_(False)
+        self._register_fold(fold_name)
+        for r in members:
+            self.reset_role(r)
+
     def is_role_key(self, key: str) -> bool:
-        """Adapter and merged-adapter weights are checkpointed; the analytic base has no weights."""
-        return key.startswith(("adapters.", "merged."))
+        """Adapter, merged- and folded-adapter weights are checkpointed; the analytic base has no weights."""
+        return key.startswith(("adapters.", "merged.", "folded."))
 
     def fsdp_units(self) -> Iterator[nn.Module]:
         """Each role adapter."""
@@ -356,3 +370,8 @@ class GaussianMixtureBackbone(Backbone):
         idx = {int(k[len(head) :].split(".", 1)[0]) for k in state_dict if k.startswith(head)}
         while len(self.merged) < (max(idx) + 1 if idx else 0):
             self.merged.append(self._new_adapter().requires_grad_(False))
+        head = prefix + "folded."
+        for name in sorted({k[len(head):].split(".", 1)[0] for k in state_dict if k.startswith(head)}):
+            if name not in self.folded:
+                self.folded[name] = self._new_adapter().requires_grad_(False)
+                self._register_fold(name)
