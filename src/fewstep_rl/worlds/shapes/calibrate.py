@@ -20,7 +20,7 @@ one core): Spearman with gold on fresh teacher samples (1024 evaluation prompts)
 0.588 at 4 steps, 0.616 pooled — up from 0.430 / 0.393 / 0.434 before calibration; held-out renders 0.845. Pool
 size mattered more than steps (4096 samples: 0.55 pooled; 12 288: 0.61 at n = 512); the fit on the pool itself
 reaches 0.80, so the rest is generalisation to new samples. The render-only proxy is kept in
-``assets/proxy-renders/`` (``{name: proxy, path: …/proxy-renders}``), a more hackable reward.
+``assets/proxy-renders/`` (``{name: proxy, variant: renders}``), a more hackable reward.
 
 The proxy stays a learned stand-in (a few hundred thousand parameters, no access to the verifier's rules), so
 optimising it hard still finds images it over-scores.
