@@ -1,7 +1,9 @@
 """Plot proxy and gold against training steps for the DIDR / DI* / ReFL shapes runs (issue 7), one PNG.
 
-    python docs/results/plot_didr_shapes.py runs/i7b/didr runs/i7b/di_star runs/i7b/refl \
-        --labels DIDR DI* ReFL --out docs/results/didr_shapes.png
+    python docs/results/plot_didr_shapes.py runs/didr runs/di_star runs/refl [more runs ...] \
+        --labels DIDR DI* ReFL [...] --out docs/results/didr_shapes.png
+
+Runs sharing a label (several seeds) are drawn in one colour and pooled for that label's line.
 
 Each run directory holds the ``eval.jsonl`` written by ``fewstep-rl fit`` (evaluation of the EMA generator on the
 fixed evaluation prompts; ``reward/proxy`` is the training reward, ``gold`` the exact verifier). Panels: proxy vs
@@ -56,25 +58,31 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    fits, top = [], []
+    pooled: dict[str, tuple[list[float], list[float]]] = {}
+    colors: dict[str, str] = {}
     for run, label in zip(args.runs, labels):
         rows = load(run)
         it = [r["iteration"] for r in rows]
         proxy = [r["reward/proxy"] for r in rows]
         gold = [r["gold"] for r in rows]
-        (line,) = axes[0].plot(it, proxy, marker="o", ms=3, label=label)
-        axes[1].plot(it, gold, marker="o", ms=3, label=label, color=line.get_color())
-        axes[2].plot([p - proxy[0] for p in proxy], gold, marker="o", ms=3, label=label, color=line.get_color())
         gain = [p - proxy[0] for p in proxy]
+        kw = {"color": colors[label]} if label in colors else {"label": label}
+        (line,) = axes[0].plot(it, proxy, marker="o", ms=3, **kw)
+        colors.setdefault(label, line.get_color())
+        axes[1].plot(it, gold, marker="o", ms=3, color=colors[label])
+        axes[2].plot(gain, gold, marker="o", ms=3, color=colors[label], alpha=0.8)
+        pooled.setdefault(label, ([], []))[0].extend(gain)
+        pooled[label][1].extend(gold)
+        print(f"{label} ({run}): proxy {proxy[0]:.3f} -> {proxy[-1]:.3f}, gold {gold[0]:.3f} -> {gold[-1]:.3f} "
+              f"(iteration {it[-1]})")
+    fits, top = [], []
+    for label, (gain, gold) in pooled.items():
         coef, cov = fit_line(gain, gold)
         fits.append((label, coef, cov))
         top.append(max(gain))
         xs = np.linspace(0, max(gain), 20)
-        axes[2].plot(xs, coef[0] + coef[1] * xs, ls="--", lw=1, color=line.get_color())
-        print(
-            f"{label}: proxy {proxy[0]:.3f} -> {proxy[-1]:.3f}, gold {gold[0]:.3f} -> {gold[-1]:.3f} "
-            f"(iteration {it[-1]}); line gold = {coef[0]:.3f} + {coef[1]:.2f}·gain"
-        )
+        axes[2].plot(xs, coef[0] + coef[1] * xs, ls="--", lw=1.5, color=colors[label])
+        print(f"{label}: line gold = {coef[0]:.3f} + {coef[1]:.2f}·gain ({len(gain)} evaluations)")
     common = min(top)
     print(f"gold at equal proxy gain (least-squares line ± its standard error), gains up to {common:.3f}:")
     for g in (common / 3, 2 * common / 3, common):
@@ -85,7 +93,8 @@ def main() -> None:
     axes[2].set(xlabel="proxy gain over init", ylabel="gold", title="gold at equal proxy gain")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+    axes[0].legend()
+    axes[2].set_xlabel("proxy gain over init (dashed: least-squares line)")
     fig.suptitle("shapes, training reward = proxy; EMA generator, 4 steps, 256 eval prompts")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
