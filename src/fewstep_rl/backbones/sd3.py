@@ -432,7 +432,7 @@ class SD3Backbone(Backbone):
         for path, layer in self._lora_layers():
             a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
             gen = torch.Generator().manual_seed(stable_hash("sd3-lora", name, self._resets[name], path))
-            u = torch.rand(a.shape, generator=gen, dtype=torch.float64)
+            u = torch.rand(a.shape, generator=gen, dtype=torch.float64, device="cpu")
             a.copy_(((2 * u - 1) / math.sqrt(a.shape[1])).to(a))
             b.zero_()
 

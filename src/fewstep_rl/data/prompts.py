@@ -46,7 +46,7 @@ class PromptStream(IterableDataset):
     def batch(self, pos: int) -> dict[str, Any]:
         """The batch at position ``pos`` for this rank."""
         g = torch.Generator().manual_seed(stable_hash("prompts", self.seed, self.rank, pos))
-        idx = torch.randint(len(self.prompts), (self.m,), generator=g).tolist()
+        idx = torch.randint(len(self.prompts), (self.m,), generator=g, device="cpu").tolist()
         prompts = [self.prompts[i] for i in idx for _ in range(self.k)]
         base = (pos * self.world_size + self.rank) * self.m
         group = torch.arange(base, base + self.m).repeat_interleave(self.k)

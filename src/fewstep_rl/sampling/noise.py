@@ -84,7 +84,7 @@ def group_noise(
     for prompt in prompts:
         if prompt not in cache:
             g = torch.Generator(device="cpu").manual_seed(stable_hash(seed, prompt, step, epoch))
-            cache[prompt] = torch.randn(shape, generator=g, dtype=torch.float32)
+            cache[prompt] = torch.randn(shape, generator=g, dtype=torch.float32, device="cpu")
         out.append(cache[prompt])
     stacked = torch.stack(out) if out else torch.empty((0, *shape))
     return stacked.to(device=device, dtype=dtype)

@@ -83,7 +83,7 @@ class ShapesWorld(World):
     def eval_prompts(self) -> list[str]:
         """A fixed interleaving of training and held-out prompts (``eval_heldout_frac`` of them held out)."""
         g = torch.Generator().manual_seed(0)
-        train = [self._train[i] for i in torch.randperm(len(self._train), generator=g).tolist()]
+        train = [self._train[i] for i in torch.randperm(len(self._train), generator=g, device="cpu").tolist()]
         k = round(1 / self.cfg.eval_heldout_frac) if self.cfg.eval_heldout_frac > 0 else 0
         out, ti, hi = [], 0, 0
         for i in range(len(train) + len(self._held)):
