@@ -8,7 +8,7 @@ EXTRAS ?= dev,diffusers
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench clean
+.PHONY: help install demo test test-slow lint bench smoke-cuda clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,13 @@ lint: install ## ruff + import-linter layer contracts
 
 bench: install ## per-method step time vs. its own network passes, and peak memory
 	$(PY) benchmarks/bench_methods.py
+
+smoke-cuda: install ## every method, 4 bf16-mixed iterations on the default world, on CUDA (needs a GPU)
+	@mkdir -p runs/smoke-cuda; for m in $$($(PY) -c "from fewstep_rl import registry; print(' '.join(registry.names('methods')))"); do \
+	  $(VENV)/bin/fewstep-rl fit --method $$m --trainer.accelerator cuda --trainer.precision bf16-mixed \
+	    --trainer.max_steps 4 --trainer.eval_every 2 --trainer.eval_samples 16 --trainer.progress_bar false \
+	    --trainer.run_dir runs/smoke-cuda/$$m > runs/smoke-cuda/$$m.log 2>&1 && echo "$$m: ok" \
+	    || { echo "$$m: FAILED (runs/smoke-cuda/$$m.log)"; exit 1; }; done
 
 clean: ## remove the virtualenv and run outputs
 	rm -rf $(VENV) runs .pytest_cache

@@ -27,8 +27,11 @@ Stage 1 — AC-DMD cold start (§2.3), iterations ``0 .. stage1_iterations-1``; 
 Stage boundary (iteration ``stage1_iterations`` when > 0): the generator restarts from the EMA weights (RTDMD
 loads ``generator_ema.pt``), both optimisers restart (fresh Adam moments; stage-2 learning rates and weight decay).
 
-Stage 2 — RTDMD RL fine-tuning (§2.4); one iteration = one epoch = one rollout collection of ``batch_size`` prompts
-× ``group_size`` samples on each rank, one fake step and one generator step:
+Stage 2 — RTDMD RL fine-tuning (§2.4); one epoch = one rollout collection of ``batch_size`` prompts × ``group_size``
+samples on each rank, one fake step and one generator step. One iteration is one epoch, or with
+``stage2_epochs_per_batch = k`` k epochs on consecutive slices of the iteration's prompt batch (whole groups each,
+``batch_size/k`` prompts per epoch): the stage-1 batch stays large while stage 2 takes k times more, smaller
+generator steps (the shapes preset: 16 prompts in stage 1, 4 epochs of 4 prompts × 8 per stage-2 iteration):
 
 1. SubGRPO: ``subgrpo_steps`` of the stochastic steps ``{0..K−2}``, rank-synchronised.
 2. Rollouts (no grad, CPS(η), ``cps_mse`` log-probs ``−mean_d(x' − μ)²``, §1.2), in ``micro_batches`` chunks; at
@@ -153,6 +156,9 @@ class RTDMDConfig:
     weight_decay_stage2: float = knob(1e-4, "stage-2 generator AdamW weight decay (fake: 0)")
     subgrpo_steps: int = knob(2, "SubGRPO: stochastic steps optimised per epoch (of the K−1 stochastic ones)")
     micro_batches: int = knob(1, "stage 2: rollout/training chunks per epoch (gradient accumulation)")
+    stage2_epochs_per_batch: int = knob(
+        1, "stage 2: epochs per prompt batch (the batch's groups split evenly; one generator step per epoch)"
+    )
     ppo_clip: float = knob(1e-5, "PPO clip ε (both sides; tight because the CPS log-prob is an unscaled MSE)")
     ppo_weight: float = knob(1.0, "weight of the PPO (likelihood-ratio) branch (0 = off)")
     adv_clip: float = knob(5.0, "advantage clip")
@@ -190,10 +196,16 @@ class RTDMDConfig:
         stochastic = self.num_steps - 1
         if not 0 <= self.subgrpo_steps <= stochastic:
             raise ValueError(f"subgrpo_steps must be in 0..{stochastic} (the stochastic steps), got {self.subgrpo_steps}")
-        total = self.batch_size * self.group_size
+        if self.stage2_epochs_per_batch < 1 or self.batch_size % self.stage2_epochs_per_batch:
+            raise ValueError(
+                f"stage2_epochs_per_batch ({self.stage2_epochs_per_batch}) must be >= 1 and divide batch_size "
+                f"({self.batch_size}): each stage-2 epoch takes whole prompt groups"
+            )
+        total = self.batch_size * self.group_size // self.stage2_epochs_per_batch
         if self.micro_batches < 1 or total % self.micro_batches:
             raise ValueError(
-                f"micro_batches ({self.micro_batches}) must divide batch_size·group_size ({total}) on each rank"
+                f"micro_batches ({self.micro_batches}) must divide the samples of one stage-2 epoch on each rank "
+                f"(batch_size·group_size/stage2_epochs_per_batch = {total})"
             )
         for lo, hi, name in ((self.aux_t_min, self.aux_t_max, "aux_t"), (self.fake_t_min, self.fake_t_max, "fake_t")):
             if not 0.0 < lo < hi < 1.0:
@@ -376,17 +388,28 @@ class RTDMD(FewStepMethod):
         n = group.shape[0]
         return adv.reshape(self.trainer.world_size, n)[self.global_rank]
 
-    def rollout_stage2(self, prompts: list[str], cond_fn: Any, selected: tuple[int, ...]) -> list[Trajectory]:
+    def _epoch_tag(self, tag: str, e: int) -> str:
+        """RNG tag of stage-2 sub-epoch ``e`` of this iteration (unchanged for the first: one epoch per iteration
+        reproduces runs made before ``stage2_epochs_per_batch`` existed)."""
+        return tag if e == 0 else f"{tag}@{e}"
+
+    def _epoch_index(self, e: int) -> int:
+        """Global stage-2 epoch counter (keys the group-shared noise; unique across iterations and sub-epochs)."""
+        return self.iteration * self.cfg.stage2_epochs_per_batch + e
+
+    def rollout_stage2(
+        self, prompts: list[str], cond_fn: Any, selected: tuple[int, ...], e: int = 0
+    ) -> list[Trajectory]:
         """CPS rollouts in micro-batch chunks with group-shared noise at the non-selected stochastic steps."""
         cfg = self.cfg
         shared = [j for j in range(cfg.num_steps - 1) if j not in selected]
-        g = self.rng("rollout")
+        g = self.rng(self._epoch_tag("rollout", e))
         sigmas = self.sampling_sigmas().to(self.device)
         chunk = len(prompts) // cfg.micro_batches
         trajs = []
         for c in range(cfg.micro_batches):
             p = prompts[c * chunk:(c + 1) * chunk]
-            noise = NoiseSource(g, p, epoch=self.iteration, shared_steps=shared, seed=self.seed)
+            noise = NoiseSource(g, p, epoch=self._epoch_index(e), shared_steps=shared, seed=self.seed)
             with torch.no_grad():
                 trajs.append(sample(self.velocity_fn("generator", cond_fn(c)), self.randn(self.sample_shape(len(p)), g),
                                     sigmas, self.chain, noise_source=noise, log_prob_mode="cps_mse"))
@@ -420,20 +443,31 @@ class RTDMD(FewStepMethod):
         return loss, out
 
     def stage2_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``stage2_epochs_per_batch`` RTDMD epochs on consecutive slices of the prompt batch (whole groups each)."""
+        k = self.cfg.stage2_epochs_per_batch
+        prompts, group = list(batch["prompts"]), batch["group"]
+        n = len(prompts) // k
+        metrics: dict[str, Any] = {}
+        for e in range(k):
+            metrics = self.stage2_epoch(prompts[e * n:(e + 1) * n], group[e * n:(e + 1) * n], e)
+        return metrics
+
+    def stage2_epoch(self, prompts: list[str], group: Tensor, e: int = 0) -> dict[str, Any]:
+        """One stage-2 epoch (module docstring, steps 1–6) on ``prompts`` (whole groups), sub-epoch ``e``."""
         cfg = self.cfg
-        prompts = list(batch["prompts"])
         n = len(prompts)
         chunk = n // cfg.micro_batches
         conds = [self.backbone.encode_prompts(prompts[c * chunk:(c + 1) * chunk]) for c in range(cfg.micro_batches)]
         # 1. SubGRPO step subset, identical on every rank
-        selected = step_subset(range(cfg.num_steps - 1), cfg.subgrpo_steps, self.rng("subgrpo", per_rank=False))
+        selected = step_subset(range(cfg.num_steps - 1), cfg.subgrpo_steps,
+                               self.rng(self._epoch_tag("subgrpo", e), per_rank=False))
         # 2. rollouts
-        trajs = self.rollout_stage2(prompts, lambda c: conds[c], selected)
+        trajs = self.rollout_stage2(prompts, lambda c: conds[c], selected, e)
         x0 = torch.cat([tr.final for tr in trajs])
         # 3. rewards → advantages
         with torch.no_grad():
             scores = self.rewards(self.backbone.decode(x0), prompts)
-        adv = self.advantages(scores, batch["group"])
+        adv = self.advantages(scores, group)
         metrics: dict[str, Any] = {"stage": 2, "reward": self.rewards.combine(scores).mean(),
                                    "adv_nonzero": (adv != 0).float().mean()}
         # 4. fake refresh on the final samples (s = 0): one optimiser step
@@ -443,9 +477,10 @@ class RTDMD(FewStepMethod):
         opt_f.zero_grad(set_to_none=True)
         for c in range(cfg.micro_batches):
             xs = x0[c * chunk:(c + 1) * chunk].detach()
-            gf = self.rng(f"fake/{c}")
+            gf = self.rng(self._epoch_tag(f"fake/{c}", e))
             t = (cfg.fake_t_min + (cfg.fake_t_max - cfg.fake_t_min) * self.rand(chunk, gf)).to(xs)
-            loss_f, m = self.fake_loss(xs, zero, conds[c], t, self.randn(xs.shape, gf).to(xs), f"consistency/{c}")
+            loss_f, m = self.fake_loss(xs, zero, conds[c], t, self.randn(xs.shape, gf).to(xs),
+                                       self._epoch_tag(f"consistency/{c}", e))
             self.manual_backward(loss_f / cfg.micro_batches)
         metrics.update(m, **{"fake_score/loss": loss_f.detach()})
         metrics["fake_score/grad_norm"] = self.step_role("fake_score", self.cfg.grad_clip)
@@ -466,13 +501,13 @@ class RTDMD(FewStepMethod):
                 self.manual_backward(cfg.ppo_weight * loss_p / terms)
                 metrics["ppo/loss"] = loss_p.detach()
                 metrics["ppo/clip_frac"] = pm["clip_frac"]
-            loss_a, am = self.aux_loss(tr, conds[c], prompts[c * chunk:(c + 1) * chunk], f"aux/{c}")
+            loss_a, am = self.aux_loss(tr, conds[c], prompts[c * chunk:(c + 1) * chunk], self._epoch_tag(f"aux/{c}", e))
             self.manual_backward(loss_a / terms)
             metrics.update(am)
         metrics["ppo/log_ratio_max_abs"] = ratio_dev
         metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
         # 6. parameter EMA
-        self.ema2.update(self.backbone, self.iteration - cfg.stage1_iterations)
+        self.ema2.update(self.backbone, (self.iteration - cfg.stage1_iterations) * cfg.stage2_epochs_per_batch + e)
         if self.keep_last_rollout:
             self.last_rollout = (selected, prompts, trajs)
         return metrics

@@ -108,7 +108,10 @@ def test_consistency_estimator_is_unbiased_at_the_methods_usage():
 @pytest.mark.parametrize(
     "over, match",
     [({"method.micro_batches": 3}, "micro_batches"), ({"method.subgrpo_steps": 4}, "subgrpo_steps"),
-     ({"method.eta": 1.5}, "eta"), ({"method.aux_t_max": 1.2}, "aux_t"), ({"method.beta": 0.0}, "beta")],
+     ({"method.eta": 1.5}, "eta"), ({"method.aux_t_max": 1.2}, "aux_t"), ({"method.beta": 0.0}, "beta"),
+     ({"method.batch_size": 8, "method.stage2_epochs_per_batch": 3}, "stage2_epochs_per_batch"),
+     ({"method.batch_size": 4, "method.group_size": 2, "method.stage2_epochs_per_batch": 2,
+       "method.micro_batches": 3}, "one stage-2 epoch")],
 )
 def test_bad_config_is_rejected_with_a_clear_message(over, match):
     from fewstep_rl.run import resolve
@@ -158,6 +161,36 @@ def test_resume_across_the_stage_boundary_is_bit_exact(tmp_path, interrupt):
     fa, fb = full.backbone.folded.state_dict(), resumed.backbone.folded.state_dict()  # the frozen stage-1 adapters
     assert fa and list(fa) == list(fb) and all(torch.equal(fa[k], fb[k]) for k in fa)
     assert resumed.updates == full.updates == {"generator": 2 + 3, "fake_score": 6}
+
+
+def test_several_stage2_epochs_per_batch_step_once_each_and_resume_bit_exact(tmp_path):
+    """``stage2_epochs_per_batch: 2``: every stage-2 iteration makes two fake and two generator steps on the two halves
+    of its prompt batch, each with its own SubGRPO draw and noise; a run resumed mid-stage-2 matches the full run."""
+    over = {"method.stage1_iterations": 2, "method.ttur": 2, **S2, "method.batch_size": 8,
+            "method.stage2_epochs_per_batch": 2}
+    full, _, logged = run_fit(M, tmp_path / "full", steps=5, overrides=over)
+    assert logged["_all_finite"] == 1.0
+    assert full.updates == {"generator": 1 + 2 * 3, "fake_score": 2 + 2 * 3}
+    ck = tmp_path / "part" / "k.ckpt"
+    run_fit(M, tmp_path / "part", steps=5, overrides=over, interrupt_after=3, save_as=str(ck))
+    resumed, _, _ = run_fit(M, tmp_path / "resumed", steps=5, overrides=over, ckpt_path=str(ck))
+    a, b = role_state(full), role_state(resumed)
+    for role in a:
+        assert same(a, b, role), role
+    # the two sub-epochs of one iteration draw different rollout noise
+    full.keep_last_rollout = True
+    batch = {"prompts": ["left", "right"] * 16, "group": torch.arange(8).repeat_interleave(4), "pos": 5}
+    seen = []
+    orig = full.stage2_epoch
+
+    def record(prompts, group, e=0):
+        out = orig(prompts, group, e)
+        seen.append(full.last_rollout[2][0].final.clone())
+        return out
+
+    full.stage2_epoch = record
+    full.stage2_step(batch)
+    assert len(seen) == 2 and seen[0].shape == seen[1].shape and not torch.equal(seen[0], seen[1])
 
 
 def test_stage_boundary_restarts_generator_from_ema(tmp_path):
