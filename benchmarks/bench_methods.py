@@ -15,10 +15,10 @@ For every method, in a fresh subprocess (so peak memory is the method's own):
 
 One intra-op thread by default: on this kind of 2-core VM timings with 2 threads swing 2-4× (infra.md).
 
-On CUDA the script synchronises around every timed region and adds a ``CUDA peak MB`` column. Known limitation: on
-an H100 (2026-11-22) the passes timed alone summed to 3.5–13× the measured iteration (negative overhead), so the
-network/overhead split is not trustworthy there yet (cause not found); the iteration time and the CUDA peak are. Rows
-whose passes exceed the iteration are flagged on stderr.
+On CUDA the script synchronises around every timed region and adds a ``CUDA peak MB`` column. The passes are timed
+on the device the training ran on (Lightning's teardown moves the module back to the CPU after ``fit``; timing them
+there made the passes sum to 3.5–13× the iteration on an H100). Rows whose passes exceed the iteration are flagged on
+stderr.
 """
 
 from __future__ import annotations
@@ -53,8 +53,12 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    train_device: list[torch.device] = []
+
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            if not train_device:
+                train_device.append(pl_module.device)
             sync()
             self.t = time.perf_counter()
             if int(batch["pos"]) == warmup:  # record the passes of every timed iteration
@@ -77,6 +81,7 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
 
     module, dm, trainer = assemble(resolved, run_dir, [Timer()], run_callback=False)
     trainer.fit(module, datamodule=dm)
+    module.to(train_device[0])  # Lightning's teardown moves the module back to the CPU: time the passes where they ran
     bb = module.backbone
     del bb._predict  # back to the class method
     # time the recorded passes alone
