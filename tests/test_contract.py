@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fewstep_rl import registry
-from fewstep_rl.testing.contract import role_state, run_fit, same, teacher_probe
+from fewstep_rl.testing.contract import role_state, run_fit, run_interrupted_and_resumed, same, teacher_probe
 
 METHODS = registry.names("methods")
 
@@ -42,9 +42,7 @@ def test_checkpoint_holds_only_role_weights(method, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_reproduces_next_steps_bit_for_bit(method, tmp_path):
     full, _, _ = run_fit(method, tmp_path / "full", steps=7)
-    ck = tmp_path / "part" / "k.ckpt"
-    run_fit(method, tmp_path / "part", steps=7, interrupt_after=3, save_as=str(ck))
-    resumed, _, _ = run_fit(method, tmp_path / "resumed", steps=7, ckpt_path=str(ck))
+    resumed = run_interrupted_and_resumed(method, tmp_path, steps=7, interrupt_after=3)
     a, b = role_state(full), role_state(resumed)
     for role in a:
         assert same(a, b, role), f"{method}: role {role} differs after resume"

@@ -15,7 +15,7 @@ from fewstep_rl.objectives.diffused_reward import (
     tilted_fake_x0,
 )
 from fewstep_rl.objectives.kl_dmd import kl_dmd_loss
-from fewstep_rl.testing.contract import role_state, run_fit, same, teacher_probe
+from fewstep_rl.testing.contract import role_state, run_fit, run_interrupted_and_resumed, same, teacher_probe
 
 DIDR = "fewstep_rl.methods.didr:DIDR"
 LINEAR = [{"name": "linear", "w": [1.0, 0.0]}]
@@ -177,12 +177,10 @@ def test_contract_roles_change_frozen_do_not_and_resume_is_exact(drs, tmp_path):
     for role in full.trainable_roles:
         assert not same(before, after, role), role
     assert torch.equal(probe, teacher_probe(full))
-    ck = tmp_path / "part" / "k.ckpt"
-    run_fit(DIDR, tmp_path / "part", steps=7, interrupt_after=3, save_as=str(ck), overrides=over)
-    resumed, _, _ = run_fit(DIDR, tmp_path / "resumed", steps=7, ckpt_path=str(ck), overrides=over)
+    resumed = run_interrupted_and_resumed(DIDR, tmp_path, steps=7, interrupt_after=3, overrides=over)
     a, b = role_state(full), role_state(resumed)
     assert all(same(a, b, r) for r in a)
-    sd = torch.load(ck, weights_only=False)["state_dict"]
+    sd = torch.load(tmp_path / "part" / "k.ckpt", weights_only=False)["state_dict"]  # the interrupted run's
     assert all(full.backbone.is_role_key(k[len("backbone.") :]) for k in sd)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fewstep_rl.config import ConfigError
-from fewstep_rl.testing.contract import role_state, run_fit, same, teacher_probe
+from fewstep_rl.testing.contract import role_state, run_fit, run_interrupted_and_resumed, same, teacher_probe
 
 M = "fewstep_rl.methods.flow_grpo:FlowGRPO"
 SMALL = {"method.batch_size": 4, "method.group_size": 4, "method.lr": 1e-3}
@@ -36,9 +36,7 @@ def test_contract_roles_change_snapshots_and_teacher_frozen_checkpoint_slim(tmp_
 
 def test_resume_is_bit_exact(tmp_path):
     full, _, _ = run_fit(M, tmp_path / "full", steps=5, overrides=SMALL)
-    ck = tmp_path / "part" / "k.ckpt"
-    run_fit(M, tmp_path / "part", steps=5, overrides=SMALL, interrupt_after=2, save_as=str(ck))
-    resumed, _, _ = run_fit(M, tmp_path / "resumed", steps=5, overrides=SMALL, ckpt_path=str(ck))
+    resumed = run_interrupted_and_resumed(M, tmp_path, steps=5, interrupt_after=2, overrides=SMALL)
     a, b = role_state(full), role_state(resumed)
     for role in a:
         assert same(a, b, role), role

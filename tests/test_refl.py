@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fewstep_rl.testing.contract import role_state, run_fit, same, teacher_probe
+from fewstep_rl.testing.contract import role_state, run_fit, run_interrupted_and_resumed, same, teacher_probe
 
 REFL = "fewstep_rl.methods.refl:ReFL"
 LINEAR = [{"name": "linear", "w": [1.0, 0.0]}]
@@ -34,9 +34,7 @@ def test_contract_roles_change_frozen_do_not_and_resume_is_exact(extra, tmp_path
     assert logged["_all_finite"] == 1.0 and "train/generator/loss" in logged
     assert not same(before, role_state(full), "generator")
     assert torch.equal(probe, teacher_probe(full))
-    ck = tmp_path / "part" / "k.ckpt"
-    run_fit(REFL, tmp_path / "part", steps=7, interrupt_after=3, save_as=str(ck), overrides=over)
-    resumed, _, _ = run_fit(REFL, tmp_path / "resumed", steps=7, ckpt_path=str(ck), overrides=over)
+    resumed = run_interrupted_and_resumed(REFL, tmp_path, steps=7, interrupt_after=3, overrides=over)
     a, b = role_state(full), role_state(resumed)
     assert all(same(a, b, r) for r in a)
 

@@ -11,7 +11,7 @@ import torch
 from fewstep_rl.config import ConfigError
 from fewstep_rl.objectives.kl_dmd import kl_dmd_direction, kl_dmd_loss
 from fewstep_rl.sampling.subsets import step_subset
-from fewstep_rl.testing.contract import role_state, run_fit, same, teacher_probe
+from fewstep_rl.testing.contract import role_state, run_fit, run_interrupted_and_resumed, same, teacher_probe
 
 M = "fewstep_rl.methods.rtdmd:RTDMD"
 # stage-2 settings small enough for seconds-long tests (explicit-β weighting as in the toy2d preset)
@@ -152,9 +152,7 @@ def test_resume_across_the_stage_boundary_is_bit_exact(tmp_path, interrupt):
     """Boundary at iteration 3: checkpoints before it, exactly at it, and after it all resume bit for bit."""
     over = {"method.stage1_iterations": 3, "method.ttur": 2, **S2}
     full, _, _ = run_fit(M, tmp_path / "full", steps=6, overrides=over)
-    ck = tmp_path / "part" / "k.ckpt"
-    run_fit(M, tmp_path / "part", steps=6, overrides=over, interrupt_after=interrupt, save_as=str(ck))
-    resumed, _, _ = run_fit(M, tmp_path / "resumed", steps=6, overrides=over, ckpt_path=str(ck))
+    resumed = run_interrupted_and_resumed(M, tmp_path, steps=6, interrupt_after=interrupt, overrides=over)
     a, b = role_state(full), role_state(resumed)
     for role in a:
         assert same(a, b, role), f"role {role} differs after resuming at {interrupt}"
@@ -171,9 +169,7 @@ def test_several_stage2_epochs_per_batch_step_once_each_and_resume_bit_exact(tmp
     full, _, logged = run_fit(M, tmp_path / "full", steps=5, overrides=over)
     assert logged["_all_finite"] == 1.0
     assert full.updates == {"generator": 1 + 2 * 3, "fake_score": 2 + 2 * 3}
-    ck = tmp_path / "part" / "k.ckpt"
-    run_fit(M, tmp_path / "part", steps=5, overrides=over, interrupt_after=3, save_as=str(ck))
-    resumed, _, _ = run_fit(M, tmp_path / "resumed", steps=5, overrides=over, ckpt_path=str(ck))
+    resumed = run_interrupted_and_resumed(M, tmp_path, steps=5, interrupt_after=3, overrides=over)
     a, b = role_state(full), role_state(resumed)
     for role in a:
         assert same(a, b, role), role

@@ -61,6 +61,22 @@ def run_fit(
     return module, trainer, {k: v[-1] for k, v in logged.items()} | {"_all_finite": all_finite(logged)}
 
 
+def run_interrupted_and_resumed(
+    method: str, tmp_dir: Path, steps: int, interrupt_after: int, world: str = "toy2d",
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    """Run ``method`` as if killed after ``interrupt_after`` of ``steps`` iterations (checkpoint
+    ``tmp_dir/part/k.ckpt``), resume it to ``steps`` from that checkpoint (``tmp_dir/resumed``); returns the resumed
+    module.
+
+    Compare it with a full run of the same ``steps`` (``role_state`` / ``same``) to check bit-exact resume.
+    """
+    ck = Path(tmp_dir) / "part" / "k.ckpt"
+    run_fit(method, Path(tmp_dir) / "part", steps, world, overrides, interrupt_after=interrupt_after, save_as=str(ck))
+    resumed, _, _ = run_fit(method, Path(tmp_dir) / "resumed", steps, world, overrides, ckpt_path=str(ck))
+    return resumed
+
+
 def all_finite(logged: dict[str, list[float]]) -> float:
     return float(all(math.isfinite(x) for vs in logged.values() for x in vs))
 
