@@ -81,13 +81,13 @@ def bench_one(method: str, world: str, iters: int, warmup: int, overrides: dict)
 
     module, dm, trainer = assemble(resolved, run_dir, [Timer()], run_callback=False)
     trainer.fit(module, datamodule=dm)
-    module.to(train_device[0])  # Lightning's teardown moves the module back to the CPU: time the passes where they ran
+    dev = train_device[0]
+    module.to(dev)  # Lightning's teardown moves the module back to the CPU: time the passes where they ran
     bb = module.backbone
     del bb._predict  # back to the class method
     # time the recorded passes alone
     prompts = module.world.train_prompts
     net = 0.0
-    dev = next(bb.parameters()).device
     for (role, shape, grad), count in Counter(calls).items():  # each distinct pass timed alone, times its count
         cond = bb.encode_prompts([prompts[i % len(prompts)] for i in range(shape[0])])
         # grad passes of frozen roles (e.g. DIDR's DRP) differentiate x
