@@ -51,7 +51,7 @@ def test_the_mode_flags_a_draw_without_device():
 )
 def test_a_shapes_fit_draws_every_generator_sample_on_a_named_device(tmp_path, method, overrides):
     with GeneratorDrawsNameTheirDevice() as mode:
-        module, _, logged = run_fit(method, tmp_path, steps=2, world="shapes",
+        _, _, logged = run_fit(method, tmp_path, steps=2, world="shapes",
                                     overrides={"trainer.eval_every": 1, **overrides})
     assert logged["_all_finite"] == 1.0
     assert mode.draws > 0  # the mode saw the run's generator draws
