@@ -102,3 +102,32 @@ def test_flow_grpo_raises_the_reward_on_toy2d(tmp_path):
     module, _, _ = run_fit(M, tmp_path, steps=80, overrides=over)
     end = evaluate_method(module, 2000, seed=11)[0]
     assert end["reward_mean"] > start["reward_mean"] + 0.2, (start, end)
+
+
+def test_ema_warmup_counts_optimisation_steps_not_ema_updates():
+    """Flow-GRPO's EMAModuleWrapper: d = min((1+n)/(10+n), 0.9) with n the optimisation step, updated when
+    (n+1) % every == 0. With every = 8 the first blend (n = 7) uses d = 8/17, not the d = 1/10 of a count of EMA
+    updates (which tracks the raw generator ~8× longer)."""
+    from fewstep_rl.roles import EMA, add_roles
+    from fewstep_rl.worlds.toy2d import Toy2DConfig, Toy2DWorld
+
+    bb = Toy2DWorld(Toy2DConfig(hidden=8)).build_backbone()
+    add_roles(bb, ("generator",), {"ema": "generator"})
+    ema = EMA("ema", "generator", decay=0.9, every=8, warmup=True)
+    with torch.no_grad():
+        for p in bb.role_parameters("generator"):
+            p.fill_(1.0)
+        for p in bb.role_parameters("ema"):
+            p.zero_()
+    for n in range(7):  # no blend before the 8th optimisation step
+        ema.update(bb, n)
+    assert all(float(p.abs().max()) == 0.0 for p in bb.role_parameters("ema"))
+    ema.update(bb, 7)
+    d1 = 8 / 17
+    got = bb.role_parameters("ema")[0].flatten()[0].item()
+    assert got == pytest.approx(1 - d1, abs=1e-6)
+    for n in range(8, 16):
+        ema.update(bb, n)
+    d2 = min(16 / 25, 0.9)  # n = 15
+    got = bb.role_parameters("ema")[0].flatten()[0].item()
+    assert got == pytest.approx(1 - d2 * d1, abs=1e-6)

@@ -76,7 +76,10 @@ class EMA:
         source: role it follows (e.g. ``"generator"``).
         decay: ``d`` in ``θ̄ ← d θ̄ + (1−d) θ``; 0 copies.
         every: update every ``every`` calls of :meth:`update`.
-        warmup: use the ``min((1+n)/(10+n), d)`` warm-up (parameter-level EMA) instead of a constant decay.
+        warmup: use the ``min((1+n)/(10+n), d)`` warm-up (parameter-level EMA) instead of a constant decay, with
+            ``n`` the source role's optimisation step (not the count of EMA updates), as Flow-GRPO's
+            ``EMAModuleWrapper.step(params, optimization_step)``: with ``every = 8`` the warm-up ends after ~8× fewer
+            EMA updates than a count of updates would give.
     """
 
     target: str = "ema"
@@ -89,5 +92,5 @@ class EMA:
         """Call after the ``n``-th (0-based) update of the source role."""
         if (n + 1) % self.every:
             return
-        d = warmup_decay(n // self.every, self.decay) if self.warmup else self.decay
+        d = warmup_decay(n, self.decay) if self.warmup else self.decay
         blend_role(backbone, self.target, self.source, d)
