@@ -57,6 +57,7 @@ from fewstep_rl.sampling import Transition, forward_noise, random_stop, sample, 
 class DMD2Config:
     """Hyper-parameters of DMD2 (defaults: toy scale; see configs/dmd2/*.yaml for presets)."""
 
+    beta: float | None = knob(None, "ignored by training (distillation-only; accepted so one shared β config runs every method)")
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(4, "generator sampling steps K")
     shift: float = knob(1.0, "static schedule shift γ of the generator's σ-grid (SD3: 3.0)")

@@ -63,6 +63,7 @@ from fewstep_rl.sampling.tdm_times import level_above
 class TDMConfig:
     """Hyper-parameters of TDM (defaults: the demo's where scale-free; see configs/tdm/*.yaml)."""
 
+    beta: float | None = knob(None, "ignored by training (distillation-only; accepted so one shared β config runs every method)")
     batch_size: int = knob(16, "prompts per batch per rank")
     num_steps: int = knob(4, "generator steps K (deterministic Euler chain)")
     shift: float = knob(1.0, "static schedule shift γ of the σ-grid and of the level sampling (SD3: 3.0)")

@@ -13,6 +13,8 @@ the next unconsumed prompt batch.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -65,6 +67,15 @@ class FewStepMethod(L.LightningModule):
             self.rewards.requires_grad_(False)
         if self.reward_driven and (self.rewards is None or len(self.rewards) == 0):
             raise ValueError(f"method {self.name!r} needs at least one reward")
+        if not self.reward_driven and getattr(cfg, "beta", None) is not None:
+            self.note(f"method {self.name!r} is distillation-only: method.beta={cfg.beta} is ignored by training "
+                      "(evaluation still reports the β-tilted reference)")
+
+    @staticmethod
+    def note(message: str) -> None:
+        """One informational line on stderr (rank 0 only): a setting that is accepted but has no effect."""
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            print(f"note: {message}", file=sys.stderr)
 
     # ------------------------------------------------------------------ model construction
     def configure_model(self) -> None:
