@@ -22,9 +22,22 @@ Each iteration (one epoch = ``batch_size`` prompts × ``group_size`` samples per
    ρ is exactly 1 (same weights as the rollout).
 4. Parameter EMA with warm-up ``min((1+n)/(10+n), d)`` every ``ema_every`` optimiser steps (§1.6).
 
-Target distribution in theory: the KL-regularised RL optimum ``p_ref·exp(A/kl_coef)`` in terms of standardised
-advantages, not of raw rewards — there is no fixed-β tilt of the teacher. ``beta`` is only the temperature used by
-evaluation (the tilted reference of the toy2d world).
+Target distribution and β. ``regime: paper`` (the sd3/shapes presets) is the paper's loss: standardised, clipped
+advantages and ``kl_coef`` 0.04, whose optimum ``p_ref·exp(A/kl_coef)`` is in units of the batch's reward std — no
+fixed tilt of the teacher; ``beta`` is then only the evaluation temperature. ``regime: tilt`` (the toy2d preset) makes
+``beta`` the training temperature. Derivation: KL-regularised RL ``max_θ E[r(x_0)] − β·KL(p_θ^path ‖ p_ref^path)``
+over the chain's paths has the optimum ``p*(path) ∝ p_ref(path)·exp(r(x_0)/β)`` (Gibbs variational principle), whose
+``x_0``-marginal is ``p_ref-chain(x_0)·exp(r/β)/Z``. The path KL is the sum of the per-step Gaussian KLs
+``Σ_j ‖μ_θ − μ_ref‖²/(2 std_j²)`` (chain rule of KL), and its policy gradient is ``E[(r − b)·Σ_j ∇log π_θ(x_{j+1}|x_j)]``.
+With the per-step loss ``−A·ρ_j + kl·mean_kl_j`` averaged over the trained steps (both the log-prob and ``mean_kl``
+are per-dimension means, so the common 1/(d·#steps) factor cancels), the stationary point is exactly that optimum
+when ``A`` is in reward units with a baseline independent of the sample and ``kl = β``. So ``regime: tilt`` uses
+raw leave-one-out advantages ``r_i − mean_{j≠i} r_j`` (:func:`~fewstep_rl.objectives.advantages.loo_advantages`; no
+std, no clip) and the coefficient ``β`` in place of ``kl_coef``; with ``opt_steps_per_epoch: 1`` every ratio is 1
+and the PPO clip never binds. Fixed point actually reached: the tilt of the *reference chain's* marginal (the few-step
+``cps(η)`` chain of the starting policy, not the teacher's exact law), and only over the stochastic steps: the
+deterministic last ``cps`` step has no likelihood, so it is neither trained by the policy gradient nor penalised by
+the KL (it changes only through parameters shared across σ). Measured distance: README "β regimes".
 
 Deviations from the paper:
     * Few-step use (as RTDMD's config does): a ``cps(η)`` chain whose last step is deterministic, so it is never trained
@@ -37,7 +50,7 @@ Deviations from the paper:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -45,7 +58,7 @@ from torch import Tensor
 from fewstep_rl.config import knob
 from fewstep_rl.init_from import load_roles
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import group_advantages, mean_kl, ppo_clip_loss
+from fewstep_rl.objectives import group_advantages, loo_advantages, mean_kl, ppo_clip_loss
 from fewstep_rl.roles import EMA
 from fewstep_rl.sampling import NoiseSource, Trajectory, Transition, recompute_log_prob, sample, transition_mean_std
 from fewstep_rl.sampling.noise import group_noise
@@ -56,7 +69,10 @@ from fewstep_rl.sampling.subsets import step_subset
 class FlowGRPOConfig:
     """Hyper-parameters of Flow-GRPO (defaults: the paper's where scale-free; see configs/flow_grpo/*.yaml)."""
 
-    beta: float = knob(1.0, "evaluation temperature of the tilted reference p·exp(r/β) (not used by the loss)")
+    beta: float = knob(1.0, "β of the target p_ref·exp(r/β): the KL coefficient with regime tilt; else evaluation only")
+    regime: Literal["paper", "tilt"] = knob(
+        "paper", "paper: std-normalised clipped advantages + kl_coef; tilt: raw leave-one-out advantages + KL coef β"
+    )
     batch_size: int = knob(4, "prompts per epoch per rank")
     group_size: int = knob(8, "samples per prompt K (Flow-GRPO: 24)")
     num_steps: int = knob(4, "sampling steps (Flow-GRPO: 10 SDE steps; few-step generators: 4)")
@@ -70,7 +86,7 @@ class FlowGRPOConfig:
     grad_clip: float = knob(1.0, "gradient-norm clip (0 = off)")
     ppo_clip: float = knob(1e-4, "PPO clip ε")
     adv_clip: float = knob(5.0, "advantage clip")
-    kl_coef: float = knob(0.04, "β_KL of the mean-space KL to the reference policy (0 = off)")
+    kl_coef: float = knob(0.04, "β_KL of the mean-space KL to the reference policy (0 = off; regime tilt uses beta)")
     opt_steps_per_epoch: int = knob(2, "optimiser steps per epoch (rollout chunks)")
     train_steps: int | None = knob(None, "stochastic steps trained per epoch, random and rank-synchronised (None: all)")
     shared_init_noise: bool = knob(False, "one initial noise per prompt group (DanceGRPO); Flow-GRPO: independent")
@@ -132,9 +148,13 @@ class FlowGRPO(FewStepMethod):
         return self.all_gather(x).reshape(-1, *x.shape[1:])
 
     def advantages(self, reward: Tensor, group: Tensor) -> Tensor:
-        """GRPO advantages with per-group means and the global std over every rank (§1.5)."""
-        adv = group_advantages(self._gather(reward.detach().float()), self._gather(group.to(self.device)),
-                               std="global", clip=self.cfg.adv_clip)
+        """GRPO advantages with per-group means and the global std over every rank (§1.5); ``regime: tilt``: raw
+        leave-one-out advantages in reward units."""
+        r_all, g_all = self._gather(reward.detach().float()), self._gather(group.to(self.device))
+        if self.cfg.regime == "tilt":
+            adv = loo_advantages(r_all, g_all)
+        else:
+            adv = group_advantages(r_all, g_all, std="global", clip=self.cfg.adv_clip)
         if self._trainer is None or self.trainer.world_size == 1:
             return adv
         return adv.reshape(self.trainer.world_size, -1)[self.global_rank]
@@ -166,19 +186,20 @@ class FlowGRPO(FewStepMethod):
         return step_subset(stochastic, k, self.rng("train_steps", per_rank=False))
 
     def step_loss(self, traj: Trajectory, j: int, cond: Any, adv: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """PPO-clip on step ``j`` plus ``kl_coef`` × the mean-space KL to the reference policy."""
+        """PPO-clip on step ``j`` plus ``kl_coef`` (``regime: tilt``: β) × the mean-space KL to the reference policy."""
         cfg = self.cfg
         lp, mean, _ = recompute_log_prob(self.velocity_fn("generator", cond, cfg.guidance), traj, j)
         loss, m = ppo_clip_loss(lp, traj.log_prob[j], adv, cfg.ppo_clip)
         m["log_ratio_max_abs"] = (lp.detach() - traj.log_prob[j]).abs().max()
-        if cfg.kl_coef > 0:
+        kl_coef = cfg.beta if cfg.regime == "tilt" else cfg.kl_coef
+        if kl_coef > 0:
             x, sigma = traj.x_in[j], traj.sigma[j]
             with torch.no_grad():
                 v_ref = self.backbone.velocity(x, sigma, cond, "ref_policy", cfg.guidance)
                 mean_ref, _ = transition_mean_std(self.chain, x, sigma, traj.sigma_next[j], v_ref, traj.sigma_max)
             kl = mean_kl(mean, mean_ref, traj.std[j])
             m["kl"] = kl.detach()
-            loss = loss + cfg.kl_coef * kl
+            loss = loss + kl_coef * kl
         return loss, m
 
     # ------------------------------------------------------------------ the recipe

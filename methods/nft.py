@@ -20,10 +20,24 @@ Each iteration (``batch_size`` prompts × ``group_size`` samples per rank) is th
    One optimiser step per micro-batch.
 4. ``θ_old ← d θ_old + (1−d) θ`` with ``d(n) = min(d0 + κ (n − n0)_+, d_max)`` (paper default 0, 0.001, 0, 0.5), EMA.
 
-Target distribution in theory: each update moves ``v_θ`` from ``v_old`` toward the velocity of the positive policy
-``π⁺ ∝ r̃ π_old`` by a step ∝ 1/β (the paper's policy-improvement result); iterated with the moving ``old`` it
-climbs the reward, with no fixed tilt temperature. ``beta`` below is only the evaluation temperature of the tilted
-reference ``p·exp(r/β)`` (toy2d); NFT's own strength is ``nft_beta``.
+Target distribution and β. ``regime: paper`` (sd3/shapes presets): each update moves ``v_θ`` from ``v_old`` toward
+the velocity of the positive policy ``π⁺ ∝ r̃ π_old`` by a step ∝ 1/``nft_beta`` (the paper's policy-improvement
+result); iterated with the moving ``old`` it climbs the reward with no fixed tilt temperature (its strength is
+``nft_beta`` and the standardised advantages), and ``beta`` is only the evaluation temperature.
+
+``regime: tilt`` (toy2d preset) makes ``beta`` the training temperature. Derivation: on-policy (``old`` = θ, i.e.
+``old_d0 = old_kappa = old_dmax = 0`` and ``opt_steps_per_epoch: 1``) and without the self-normalising weights, the
+NFT gradient is exactly that of the advantage-weighted flow-matching loss ``A·t²‖v − u‖²`` (``u = ε − x0``,
+:mod:`fewstep_rl.objectives.nft`) — NFT's policy-improvement step toward the reward-weighted old policy, taken at
+first order. With raw leave-one-out advantages (reward units, baseline independent of the sample) and the KL term
+``β·t²‖v − v_ref‖²`` (same t-weighting), the stationary point at every ``(x_t, t)`` is
+``E[A(v − u)|x_t] + β(v − v_ref) = 0``, i.e. ``v = v_ref + Cov_θ(r, u | x_t)/β`` (using ``E[u|x_t] = v`` on-policy).
+The tilt ``p* ∝ p_ref·e^{r/β}`` satisfies ``∂v_λ/∂λ = Cov_λ(r, u|x_t)`` along ``λ = 1/β``, so this fixed point **is**
+the exact tilt whenever that covariance does not change along the tilt path — Gaussian components with a linear
+reward (a mean shift leaves the posterior covariance unchanged; toy2d's default world) — and its first-order (in
+1/β) approximation otherwise: for mixtures whose tilt moves mass between modes it under- or over-reweights the
+modes. Measured distance: README "β regimes". ``nft_beta``, ``adv_clip`` and ``norm_floor`` do not enter the
+on-policy gradient in this regime (A_max only sets the curvature of the quadratic, i.e. the trust region).
 
 Deviations from the paper:
     * Timesteps are stratified over [t_min, t_max] in σ (the paper samples over its rollout schedule's steps).
@@ -41,7 +55,7 @@ from torch import Tensor
 
 from fewstep_rl.config import knob
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import advantages_to_unit, group_advantages
+from fewstep_rl.objectives import advantages_to_unit, group_advantages, loo_advantages
 from fewstep_rl.objectives.crd import velocity_kl
 from fewstep_rl.objectives.nft import nft_policy_loss
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
@@ -53,7 +67,10 @@ from fewstep_rl.sampling.stratified import stratified_levels
 class DiffusionNFTConfig:
     """Hyper-parameters of DiffusionNFT (defaults: the paper's where scale-free; see configs/nft/*.yaml)."""
 
-    beta: float = knob(1.0, "evaluation temperature of the tilted reference p·exp(r/β) (not used by the loss)")
+    beta: float = knob(1.0, "β of the target p_ref·exp(r/β): trains with regime tilt (KL coef); else evaluation only")
+    regime: Literal["paper", "tilt"] = knob(
+        "paper", "paper: NFT as published; tilt: raw leave-one-out advantages, no self-normalising weights, KL β·t²"
+    )
     nft_beta: float = knob(1.0, "NFT guidance strength β of v± (paper: 1; 0.1 for OCR / multi-reward)")
     batch_size: int = knob(4, "prompts per epoch per rank")
     group_size: int = knob(8, "samples per prompt K (paper: 24)")
@@ -71,7 +88,7 @@ class DiffusionNFTConfig:
     t_max: float = knob(0.99, "highest training noise level")
     adv_clip: float = knob(5.0, "A_max: advantage clip and loss scale")
     norm_floor: float = knob(1e-5, "floor of the self-normalising weights")
-    kl_coef: float = knob(1e-4, "coefficient of the v-space KL to the base (paper: 1e-4; 0 = off)")
+    kl_coef: float = knob(1e-4, "coefficient of the v-space KL to the base (paper: 1e-4; 0 = off; regime tilt: β·t²)")
     kl_guidance: float = knob(1.0, "CFG of the KL reference (paper: the unguided base, 1)")
     old_d0: float = knob(0.0, "old snapshot decay d(n) = min(d0 + κ (n − n0)_+, d_max): d0")
     old_kappa: float = knob(0.001, "old snapshot decay slope κ")
@@ -131,13 +148,18 @@ class DiffusionNFT(FewStepMethod):
         return self.all_gather(x).reshape(-1, *x.shape[1:])
 
     def optimality(self, reward: Tensor, group: Tensor) -> Tensor:
-        """``r̃ ∈ [0, 1]`` from GRPO advantages with the std over every rank (§1.5)."""
+        """``r̃ ∈ [0, 1]`` from GRPO advantages with the std over every rank (§1.5); ``regime: tilt``:
+        ``½ + A/(2A_max)`` from raw leave-one-out advantages, unclipped (any real value)."""
         cfg = self.cfg
-        adv = group_advantages(
-            self._gather(reward.detach().float()), self._gather(group), std="global", clip=cfg.adv_clip
-        )
+        r_all, g_all = self._gather(reward.detach().float()), self._gather(group)
+        if cfg.regime == "tilt":
+            adv = loo_advantages(r_all, g_all)
+        else:
+            adv = group_advantages(r_all, g_all, std="global", clip=cfg.adv_clip)
         if self._trainer is not None and self.trainer.world_size > 1:
             adv = adv.reshape(self.trainer.world_size, -1)[self.global_rank]
+        if cfg.regime == "tilt":
+            return 0.5 + adv / (2 * cfg.adv_clip)
         return advantages_to_unit(adv, cfg.adv_clip)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -145,6 +167,7 @@ class DiffusionNFT(FewStepMethod):
         prompts = list(batch["prompts"])
         group = batch["group"].to(self.device)
         n_chunks = cfg.opt_steps_per_epoch
+        tilt = cfg.regime == "tilt"
         chunk = len(prompts) // n_chunks
         conds = [self.backbone.encode_prompts(prompts[c * chunk : (c + 1) * chunk]) for c in range(n_chunks)]
         # 1. rollouts of the old snapshot
@@ -182,15 +205,18 @@ class DiffusionNFT(FewStepMethod):
                     v_old = self.backbone.velocity(x_t, t, conds[c], "old")
                     v_ref = (
                         self.backbone.velocity(x_t, t, conds[c], "teacher", self.kl_guidance)
-                        if cfg.kl_coef > 0
+                        if cfg.kl_coef > 0 or tilt
                         else None
                     )
                 v = self.backbone.velocity(x_t, t, conds[c], "generator")
-                loss, m = nft_policy_loss(v, v_old, x_t, xc, t, r_unit[sl], cfg.nft_beta, cfg.adv_clip, cfg.norm_floor)
+                loss, m = nft_policy_loss(
+                    v, v_old, x_t, xc, t, r_unit[sl], cfg.nft_beta, cfg.adv_clip, cfg.norm_floor, normalize=not tilt
+                )
                 total = loss
                 if v_ref is not None:
-                    kl = velocity_kl(v, v_ref)
-                    total = total + cfg.kl_coef * kl
+                    # tilt: β·t²‖v − v_ref‖², the same t-weighting as the advantage-weighted x̂0 loss
+                    kl = velocity_kl(v, v_ref, t**2 if tilt else None)
+                    total = total + (cfg.beta if tilt else cfg.kl_coef) * kl
                     metrics["kl"] = kl.detach()
                 self.manual_backward(total / cfg.train_timesteps)
                 metrics["generator/loss"] = loss.detach()

@@ -242,6 +242,11 @@ class RTDMD(FewStepMethod):
         self.ema2 = EMA("ema", "generator", cfg.ema_decay_stage2, every=cfg.ema_every_stage2, warmup=True)
         self.keep_last_rollout = False  # testing: keep (subset, prompts, trajectories) of the last epoch
         self.last_rollout: tuple[tuple[int, ...], list[str], list[Trajectory]] | None = None
+        self.bp_active = cfg.bp() > 0 and len(self.rewards.differentiable_subset()) > 0
+        if cfg.bp() > 0 and not self.bp_active:
+            names = ", ".join(r.name for r in self.rewards.rewards)
+            self.note(f"rtdmd: no differentiable reward among [{names}]: the BP branch (reward back-prop hinge on the "
+                      "last step) is off; stage 2 trains with PPO + DM only (logged as train/generator/bp_active = 0)")
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -432,10 +437,10 @@ class RTDMD(FewStepMethod):
         else:
             dm = dmd_loss(x0, y_f, y_t, cfg.dmd_normalizer)
         loss = cfg.dm_weight * dm
-        out = {"generator/dm": dm.detach()}
+        out = {"generator/dm": dm.detach(), "generator/bp_active": float(self.bp_active)}
         diff = self.rewards.differentiable_subset()
         bp = cfg.bp()
-        if len(diff) and bp > 0:
+        if self.bp_active:
             r = diff.combine(diff(self.backbone.decode(x0), prompts))
             hinge = reward_hinge(r, cfg.bp_margin, bp)
             out["generator/bp_hinge"] = hinge.detach()

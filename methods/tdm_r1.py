@@ -45,7 +45,21 @@ reference (implicit reward ``ℓ_ref − ℓ_φ``); the generator follows ``d_kl
 unguided teacher) + ``λ d_cfg`` (CFG as implicit reward) + ``(1−λ) d_rl`` (the surrogate's score difference), so at a
 fixed point its law is approximately ``p_teacher · (p_D/p_ref)^{(1−λ)·w_f/w_r} · (CFG tilt)^λ`` — a reward-tilted
 teacher whose temperature is set implicitly by β_dpo, the DGPO masks (drift threshold) and the normalisers, not by an
-explicit β. ``beta`` in this config is only the temperature of the tilted reference used by evaluation (toy2d).
+explicit β. With ``regime: paper`` (sd3/shapes presets) ``beta`` is only the temperature of the tilted reference used
+by evaluation.
+
+β-regime (``regime: tilt``, toy2d preset). DGPO's drift regulariser ``R = mean (D_φ − T)²`` is a KL to the reference
+in velocity space and its ``ω·A·ℓ_φ`` term an advantage-weighted DSM; with the group weight fixed (ω = 1, β_dpo → 0),
+no masks and raw leave-one-out advantages, the surrogate loss is ``mean_i(A_i ℓ_φ,i) + β·R``, trained by DSM on the
+clean generator samples. Its stationary point at ``(x_t, t)``, once the generator's law equals the surrogate's (the
+joint fixed point, ``E[u|x_t] = D``), is ``D = T + Cov(r, u | x_t)/β`` — the same condition as NFT's β-regime
+(``methods/nft.py``): the exact tilt ``p_teacher·exp(r/β)`` for Gaussian components with a linear reward, its
+first-order (in 1/β) approximation when the tilt reweights modes. The generator then runs λ = 0 with the reward
+direction queried at the fake's ``x_τ`` with the fake's normaliser, so ``d_kl + d_rl = x̂0^D − x̂0^F``: trajectory
+distribution matching toward the surrogate's law (ω_rl, ``reward_t_min``, ``surrogate_t_min``, ``reward_steps``,
+``dpo_beta``, ``clip_eps``, ``drift_*`` and ``tdm_weight`` do not apply). A DPO temperature is a β too, but DGPO's
+sigmoid weight on deterministic advantages has no finite optimum (it pushes until a mask stops it), so the
+drift weight, not β_dpo, is the one that maps onto β.
 
 Knobs (methods.md §4.8): ``dpo_beta`` β_dpo, ``clip_eps`` ε, ``rl_guidance`` ω_rl, ``reward_t_min`` t_min,
 ``surrogate_t_min`` t^s_min, ``reward_steps`` j_trunc, ``tdm_weight`` λ, ``guidance`` (teacher CFG for ``w_f``),
@@ -88,7 +102,13 @@ from torch import Tensor
 from fewstep_rl.config import knob
 from fewstep_rl.init_from import load_roles
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import ambient_renoise, ambient_velocity_target, direction_loss, group_advantages
+from fewstep_rl.objectives import (
+    ambient_renoise,
+    ambient_velocity_target,
+    direction_loss,
+    group_advantages,
+    loo_advantages,
+)
 from fewstep_rl.objectives.dgpo import dgpo_loss, per_sample_mse
 from fewstep_rl.objectives.tdm import direction_weight, tdm_fake_loss
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
@@ -102,7 +122,10 @@ from fewstep_rl.sampling.tdm_times import level_above, weighted_step
 class TDMR1Config:
     """Hyper-parameters of TDM-R1 (defaults: the OCR recipe of methods.md §4.8; see configs/tdm_r1/*.yaml)."""
 
-    beta: float = knob(1.0, "evaluation temperature of the tilted reference p·exp(r/β) (not used by the loss)")
+    beta: float = knob(1.0, "β of the target p_ref·exp(r/β): trains with regime tilt (surrogate KL); else evaluation only")
+    regime: Literal["paper", "tilt"] = knob(
+        "paper", "paper: DGPO surrogate + λ-mixed directions; tilt: advantage-weighted DSM + β·R surrogate, DM toward it"
+    )
     batch_size: int = knob(2, "prompts per epoch per rank")
     group_size: int = knob(24, "samples per prompt K (GRPO / DGPO groups)")
     num_steps: int = knob(4, "generator steps (deterministic Euler chain)")
@@ -242,21 +265,25 @@ class TDMR1(FewStepMethod):
         return self.all_gather(x).reshape(-1, *x.shape[1:])
 
     def advantages(self, reward: Tensor, group: Tensor) -> Tensor:
-        """GRPO advantages: per-group mean, global std over every rank, clipped (§1.5, §4.4)."""
-        adv = group_advantages(
-            self._gather(reward.detach().float()),
-            self._gather(group.to(self.device)),
-            std="global",
-            clip=self.cfg.adv_clip,
-        )
+        """GRPO advantages: per-group mean, global std over every rank, clipped (§1.5, §4.4); ``regime: tilt``: raw
+        leave-one-out advantages in reward units."""
+        r_all, g_all = self._gather(reward.detach().float()), self._gather(group.to(self.device))
+        if self.cfg.regime == "tilt":
+            adv = loo_advantages(r_all, g_all)
+        else:
+            adv = group_advantages(r_all, g_all, std="global", clip=self.cfg.adv_clip)
         if self._trainer is None or self.trainer.world_size == 1:
             return adv
         return adv.reshape(self.trainer.world_size, -1)[self.global_rank]
 
     # ------------------------------------------------------------------ losses
-    def fake_loss(self, x0: Tensor, x_next: Tensor, s_next: Tensor, cond: Any, tag: str) -> Tensor:
-        """§4.6(a): anchored-target DSM of the fake score at ``x_τ = a x^G_{j+1} + b n`` + teacher pull."""
-        tau = self.levels(s_next, x0.shape[0], f"{tag}/tau")
+    def fake_loss(
+        self, x0: Tensor, x_next: Tensor, s_next: Tensor, cond: Any, tag: str, tau: Tensor | None = None
+    ) -> Tensor:
+        """§4.6(a): anchored-target DSM of the fake score at ``x_τ = a x^G_{j+1} + b n`` + teacher pull.
+
+        ``tau``: the step's level τ_j, shared with the generator loss (§4.5); None draws one."""
+        tau = self.levels(s_next, x0.shape[0], f"{tag}/tau") if tau is None else tau
         x_tau = ambient_renoise(x_next, self.randn(x0.shape, self.rng(f"{tag}/noise")).to(x0), tau, s_next).to(x0)
         v_f = self.backbone.velocity(x_tau, tau, cond, "fake_score")
         v_t = None
@@ -268,10 +295,14 @@ class TDMR1(FewStepMethod):
     def surrogate_loss(
         self, x_s: Tensor, s: Tensor, step: int, cond: Any, adv: Tensor, group: Tensor, tag: str
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """§4.6(b): DGPO on the stored point ``x_{j'+1}`` at level ``τ^s`` with group-shared noise."""
+        """§4.6(b): DGPO on the stored point ``x_{j'+1}`` at level ``τ^s`` with group-shared noise.
+
+        ``regime: tilt``: the advantage-weighted DSM ``mean_i(A_i ℓ_φ,i) + β·R`` instead of DGPO (no group weight, no
+        masks; levels above ``s`` only), whose fixed point is ``D = T + Cov(r, u | x_t)/β`` (module docstring)."""
         cfg = self.cfg
+        tilt = cfg.regime == "tilt"
         x_s = x_s.detach()
-        tau = self.levels(s.clamp_min(cfg.surrogate_t_min), x_s.shape[0], f"{tag}/tau")
+        tau = self.levels(s if tilt else s.clamp_min(cfg.surrogate_t_min), x_s.shape[0], f"{tag}/tau")
         n = self.shared_noise(group, step, f"{tag}/noise", x_s)
         x_t = ambient_renoise(x_s, n, tau, s).to(x_s)
         u = ambient_velocity_target(x_s, n, tau, s)
@@ -281,18 +312,22 @@ class TDMR1(FewStepMethod):
             v_ref = self.backbone.velocity(x_t, tau, cond, "reference")
         l_phi, l_old, l_ref = per_sample_mse(v_phi, u), per_sample_mse(v_old, u), per_sample_mse(v_ref, u)
         drift = ((v_phi.float() - v_ref.float()) ** 2).mean()
-        loss, m = dgpo_loss(
-            l_phi,
-            l_ref,
-            adv,
-            group,
-            cfg.dpo_beta,
-            l_old=l_old,
-            clip_eps=cfg.clip_eps,
-            drift=drift,
-            drift_threshold=cfg.drift_threshold,
-            drift_weight=cfg.drift_weight,
-        )
+        if tilt:
+            loss = (adv.detach().to(l_phi.dtype) * l_phi).mean() + cfg.beta * drift
+            m = {"weighted_dsm": loss.detach()}
+        else:
+            loss, m = dgpo_loss(
+                l_phi,
+                l_ref,
+                adv,
+                group,
+                cfg.dpo_beta,
+                l_old=l_old,
+                clip_eps=cfg.clip_eps,
+                drift=drift,
+                drift_threshold=cfg.drift_threshold,
+                drift_weight=cfg.drift_weight,
+            )
         if cfg.time_weight:
             loss = loss * (step + 1) / cfg.num_steps
         m["drift"] = drift.detach()
@@ -300,16 +335,20 @@ class TDMR1(FewStepMethod):
         return loss, m
 
     def generator_loss(
-        self, x0: Tensor, x_next: Tensor, s_next: Tensor, j: int, cond: Any, group: Tensor, tag: str
+        self, x0: Tensor, x_next: Tensor, s_next: Tensor, j: int, cond: Any, group: Tensor, tag: str,
+        tau: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """§4.6(c): direction losses on the clean estimate ``x̂0`` (its only gradient path).
 
         Every query of fake, teacher, reference and surrogate runs under ``no_grad``: no role but the generator
-        receives a gradient from this loss.
+        receives a gradient from this loss. ``tau``: the step's level τ_j shared with the fake loss (§4.5); None
+        draws one. ``regime: tilt``: the reward direction is queried at the same ``x_τ`` with the same normaliser
+        as ``d_kl`` and λ = 0, so the two directions add up to ``x̂0^D − x̂0^F`` (DM toward the surrogate).
         """
         cfg = self.cfg
         n = x0.shape[0]
-        tau = self.levels(s_next, n, f"{tag}/tau")
+        tilt = cfg.regime == "tilt"
+        tau = self.levels(s_next, n, f"{tag}/tau") if tau is None else tau
         x_tau = ambient_renoise(x_next, self.randn(x0.shape, self.rng(f"{tag}/noise")).to(x0), tau, s_next).to(x0)
         need_uncond = self.guidance != 1.0 or self.cfg_scale != 0.0
         out: dict[str, Tensor] = {}
@@ -326,16 +365,19 @@ class TDMR1(FewStepMethod):
                 x0_w, d_cfg = x0_c, torch.zeros_like(x0_c)
             d_kl = x0_c - x0_f
             w_f = direction_weight(x0, x0_w, cfg.normalizer)
-            with_rl = j < self.j_trunc
-            if with_rl:
+            with_rl = tilt or j < self.j_trunc
+            if tilt:
+                x0_d = x0_from_v(x_tau, tau, self.backbone.velocity(x_tau, tau, cond, "surrogate"))
+                d_rl, w_r = x0_d - x0_c, w_f  # reference = frozen base without CFG = x̂0^{T,c}
+            elif with_rl:
                 tau_r = self.levels(s_next.clamp_min(cfg.reward_t_min), n, f"{tag}/tau_r")
                 x_r = ambient_renoise(x_next, self.shared_noise(group, j, f"{tag}/noise_r", x0), tau_r, s_next).to(x0)
                 x0_d = x0_from_v(x_r, tau_r, self.backbone.velocity(x_r, tau_r, cond, "surrogate", cfg.rl_guidance))
                 x0_ref = x0_from_v(x_r, tau_r, self.backbone.velocity(x_r, tau_r, cond, "reference"))
                 d_rl = x0_d - x0_ref
                 w_r = direction_weight(x0, x0_d, cfg.normalizer)
-        lam = cfg.tdm_weight
-        l_cfg = direction_loss(x0, d_cfg, w_f, cfg.huber_c) if self.cfg_scale != 0.0 else None
+        lam = 0.0 if tilt else cfg.tdm_weight
+        l_cfg = direction_loss(x0, d_cfg, w_f, cfg.huber_c) if self.cfg_scale != 0.0 and not tilt else None
         l_kl = direction_loss(x0, d_kl, w_f, cfg.huber_c)
         out["generator/kl"] = l_kl.detach()
         if with_rl:
@@ -419,17 +461,21 @@ class TDMR1(FewStepMethod):
                 v = self.backbone.velocity(x, sigma, conds[c], "generator")
                 x0 = x0_from_v(x, sigma, v)
                 x_next = (x - (sigma - s_next).reshape(-1, *[1] * (x.ndim - 1)) * v).detach()
+                # τ_j shared by the fake and generator losses of this step (§4.5)
+                tau = self.levels(s_next, x.shape[0], f"{tag}/tau")
                 # a. fake score
-                loss_f = self.fake_loss(x0, x_next, s_next, conds[c], f"{tag}/fake")
+                loss_f = self.fake_loss(x0, x_next, s_next, conds[c], f"{tag}/fake", tau)
                 self.manual_backward(loss_f / terms)
                 # b. surrogate on the stored trajectory point of step j'
                 jp = weighted_step(cfg.num_steps, self.rng(f"{tag}/surrogate_step", per_rank=False))
+                if cfg.regime == "tilt":  # the clean final sample (s = 0): plain DSM of the generator's law
+                    jp = cfg.num_steps - 1
                 loss_s, ms = self.surrogate_loss(
                     tr.x_out[jp], tr.sigma_next[jp], jp, conds[c], adv[sl], group[sl], f"{tag}/surrogate"
                 )
                 self.manual_backward(loss_s / terms)
                 # c. generator
-                loss_g, mg = self.generator_loss(x0, x_next, s_next, j, conds[c], group[sl], f"{tag}/gen")
+                loss_g, mg = self.generator_loss(x0, x_next, s_next, j, conds[c], group[sl], f"{tag}/gen", tau)
                 self.manual_backward(loss_g / terms)
                 metrics.update(
                     {

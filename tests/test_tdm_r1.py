@@ -12,7 +12,7 @@ from fewstep_rl.run import build_method, resolve
 from fewstep_rl.sampling.tdm_times import level_above, weighted_step
 
 METHOD = "fewstep_rl.methods.tdm_r1:TDMR1"
-PRESET = Path(__file__).resolve().parents[1] / "configs" / "tdm_r1" / "toy2d.yaml"
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "tdm_r1" / "toy2d_region.yaml"
 
 
 def _sig(z):

@@ -6,6 +6,7 @@ No ``.backward()``, no optimizers, no config objects.
 from fewstep_rl.objectives.advantages import (
     advantages_to_unit,
     group_advantages,
+    loo_advantages,
     multi_reward_advantages,
     nonzero_mask,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "dmd_loss",
     "flow_matching_loss",
     "group_advantages",
+    "loo_advantages",
     "mean_kl",
     "multi_reward_advantages",
     "nonzero_mask",

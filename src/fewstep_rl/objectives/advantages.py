@@ -4,6 +4,10 @@
   (population std, as ``np.std``), then clipped to ``[-clip, clip]``.
 * Multi-reward "normalise-then-sum": ``A = standardize(Σ_k w_k A^(k))`` then clip.
 * NFT/CRD map to [0, 1]: ``clip(A, ±A_max)/(2 A_max) + ½``.
+* β-regime (KL-regularised RL with the tilt ``p_ref·exp(r/β)`` as optimum): raw leave-one-out advantages
+  ``A_i = r_i − mean_{j∈g(i), j≠i} r_j`` — in reward units (no std, no clip), and the baseline is independent of
+  sample i, so ``E[A_i ∇log p(x_i)] = ∇E[r]`` exactly (the group mean including ``r_i`` would shrink the reward
+  by (K−1)/K, i.e. train at the temperature β·K/(K−1)).
 
 Callers gather rewards and group ids from all ranks first; these functions are local.
 
@@ -119,6 +123,36 @@ def multi_reward_advantages(
     total = sum(wk * group_advantages(rewards[k], group_ids, std, None, eps) for wk, k in zip(w, names))
     assert isinstance(total, Tensor)
     return _clip(total / (total.std(unbiased=False) + eps), clip)
+
+
+def loo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Raw leave-one-out advantages ``r_i − mean_{j∈g(i), j≠i} r_j = K/(K−1)·(r_i − mean_g r)`` (reward units).
+
+    Used by the β-regimes (module docstring): unbiased policy-gradient weights for ``∇E[r]``, so a KL coefficient
+    β on the same scale makes the optimum the tilt ``p_ref·exp(r/β)``.
+
+    Args:
+        rewards: Rewards ``(B,)``.
+        group_ids: Integer group id per sample ``(B,)``; every group needs at least two members.
+
+    Returns:
+        Advantages ``(B,)`` in at least float32.
+
+    Raises:
+        ValueError: On shape mismatch or a group of one.
+    """
+    if rewards.ndim != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and group_ids must both be (B,), got {tuple(rewards.shape)}, {tuple(group_ids.shape)}"
+        )
+    r = rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))
+    _, inv = torch.unique(group_ids.to(r.device), return_inverse=True)
+    n_groups = int(inv.max()) + 1 if inv.numel() else 0
+    count = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, inv, torch.ones_like(r))
+    if bool((count < 2).any()):
+        raise ValueError("leave-one-out advantages need at least two samples per group")
+    total = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, inv, r)
+    return r - (total[inv] - r) / (count[inv] - 1)
 
 
 def advantages_to_unit(adv: Tensor, a_max: float = 5.0) -> Tensor:

@@ -13,6 +13,11 @@ and the loss trains ``v⁺`` to denoise the positive samples and ``v⁻`` the ne
 with self-normalising weights ``w^± = sg(mean_d |x̂0(v^±) − x0|)`` (floored) and ``‖·‖² = mean_d``. Its optimum moves
 ``v_θ`` from ``v_old`` toward the positive (reward-weighted) distribution's velocity by a step ∝ 1/β (DiffusionNFT,
 Zheng et al. 2025, arXiv 2509.16117, Theorem "policy improvement"); there is no fixed tilt temperature.
+
+On-policy gradient (``v_θ = v_old``, no self-normalisation, ``r̃ = ½ + A/(2A_max)`` unclipped): ``v⁺ = v⁻ = v_old``
+and ``∂L/∂v = 2t²·A·(v − u)/d`` with ``u = ε − x0`` — the gradient of the advantage-weighted flow-matching loss
+``A·‖x̂0(v) − x0‖²``, independent of β and A_max (:func:`nft_policy_loss` with ``normalize=False`` and any real
+``r_unit``). That is the β-regime of ``methods/nft.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def nft_policy_loss(
     beta: float,
     a_max: float = 5.0,
     floor: float = 1e-5,
+    normalize: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DiffusionNFT positive/negative loss (see the module docstring).
 
@@ -40,10 +46,12 @@ def nft_policy_loss(
         v: Current velocity at ``(x_t, t)`` (with gradient), ``(B, ...)``.
         v_old: Old-snapshot velocity (treated as constant).
         x_t: Noised samples; x0: clean samples; t: levels ``(B,)``.
-        r_unit: Optimality probabilities ``(B,)`` in [0, 1].
+        r_unit: Optimality probabilities ``(B,)`` in [0, 1] (any real values with ``normalize=False``: the loss stays
+            a convex quadratic in ``v`` of curvature ∝ A_max·β·t², since the two weights sum to 1).
         beta: NFT guidance strength β > 0.
         a_max: Loss scale (advantage clip, 5).
         floor: Lower bound of the self-normalising weights.
+        normalize: Divide by the self-normalising weights ``w^±`` (paper); False: ``w^± = 1``.
 
     Returns:
         ``(loss, metrics)`` with ``pos_loss`` and ``neg_loss`` (unweighted per-sample means).
@@ -56,8 +64,11 @@ def nft_policy_loss(
     v_neg = (1 + beta) * v_old - beta * v
     e_pos = x0_from_v(x_t, t, v_pos) - x0
     e_neg = x0_from_v(x_t, t, v_neg) - x0
-    w_pos = per_sample_mean(e_pos.abs()).detach().clamp_min(floor)
-    w_neg = per_sample_mean(e_neg.abs()).detach().clamp_min(floor)
+    if normalize:
+        w_pos = per_sample_mean(e_pos.abs()).detach().clamp_min(floor)
+        w_neg = per_sample_mean(e_neg.abs()).detach().clamp_min(floor)
+    else:
+        w_pos = w_neg = 1.0
     pos, neg = per_sample_mean(e_pos**2), per_sample_mean(e_neg**2)
     r = upcast(r_unit).detach().to(pos.dtype)
     loss = (a_max / beta) * (r * pos / w_pos + (1 - r) * neg / w_neg).mean()
