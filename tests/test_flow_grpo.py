@@ -7,7 +7,9 @@ from fewstep_rl.config import ConfigError
 from fewstep_rl.testing.contract import role_state, run_fit, run_interrupted_and_resumed, same, teacher_probe
 
 M = "fewstep_rl.methods.flow_grpo:FlowGRPO"
-SMALL = {"method.batch_size": 4, "method.group_size": 4, "method.lr": 1e-3}
+# the paper regime with two optimiser steps per epoch (the toy2d preset runs regime tilt with one)
+SMALL = {"method.batch_size": 4, "method.group_size": 4, "method.lr": 1e-3, "method.regime": "paper",
+         "method.opt_steps_per_epoch": 2}
 
 
 def _build(over):
