@@ -57,6 +57,12 @@ Deviations:
       ``adaptive`` one is the port's. The toy2d presets use ``elbo`` + ``raw`` + frozen ``old`` + no KL anchor
       + ``fm_coef: 1`` (below), so that the fixed point is the closed-form tilt.
     * Centring within prompt groups (the paper's claim) instead of the port's batch centring (both offered).
+    * Training levels are σ-uniform: ``train_timesteps`` levels stratified uniformly in σ over [t_min, t_max]
+      (:func:`~fewstep_rl.sampling.stratified.stratified_levels`); the port (methods.md §5.3 step 2) stratifies over
+      the rollout schedule's top 99 % of *steps*, i.e. over the shifted SD3 grid (shift 3), which puts most levels
+      at high noise. With ``weighting: elbo`` the implicit reward is the integral of ``(1−t)/t·Δ‖v − u‖²`` over t,
+      for which σ-uniform levels are the plain Monte-Carlo estimate (the port's density would reweight the
+      integrand); with ``adaptive`` the two give different implicit rewards and so different effective β.
     * Few-step use: the implicit reward is the log-density of the *flow* (velocity field); it equals the sampled law
       only when the chain is accurate. The toy2d preset therefore samples with 32 Euler steps (the exact teacher's
       4-step Euler is ~20x above the noise floor); on shapes the 4-step x0-predict-and-renoise chain is used as the

@@ -1,8 +1,12 @@
-"""DI*-style baseline: Diff-Instruct (integral KL) with a *terminal* reward on the generator's clean output (§6.8).
+"""``di_star``: the DI++ form — integral-KL Diff-Instruct plus a *terminal* reward on the generator's output (§6.8).
 
-Papers: Luo et al., "Diff-Instruct*: Towards Human-Preferred One-step Text-to-image Generative Models" (2024;
-DI*), and DI++ ("Diff-Instruct++", 2024) for the reward-plus-IKL form. Used as the terminal-reward baseline of DIDR
-(methods.md §3.3 "special cases": replace s_r by a terminal term −α∇_θ r(g_θ(z))).
+What it implements is DI++ ("Diff-Instruct++", Luo 2024): maximise ``α·E[r(g_θ(z))]`` minus the integral KL
+(Diff-Instruct) to the reference, with α = 1/β. It is *not* DI*'s score-based divergence (pseudo-Huber distance
+between fake and reference scores, SIM-style gradient; see "Deviations"): the registry key ``di_star`` is kept for
+compatibility with existing configs. Papers: Luo et al., "Diff-Instruct*: Towards Human-Preferred One-step
+Text-to-image Generative Models" (2024; DI*), and DI++ (2024) for the reward-plus-IKL form implemented here. Used as
+the terminal-reward baseline of DIDR (methods.md §3.3 "special cases": replace s_r by a terminal term
+−α∇_θ r(g_θ(z))).
 
 Roles: ``generator`` (trainable), ``fake_score`` (trainable "TA" score), ``teacher`` (frozen reference, CFG ω inside
 the reference as DI*-IN), ``ema`` (snapshot).
@@ -19,7 +23,9 @@ Each iteration:
    direction (methods.md §1.4) and β is only a relative reward weight (DI++'s α = 1/β).
 3. Fake-score DSM on detached generator samples (TTUR). 4. EMA.
 
-Target: none exactly. ``∫ w(t)[KL(p_θ,t ‖ p_ref,t)] dt − E[r]/β`` has its t > 0 KL terms minimised by p_ref, so its
+β-regime and fixed point (``weighting: kl``, the toy2d preset): β is DI++'s 1/α, the exact coefficient of
+``E[r]`` against the integral KL, so training follows ``∇[E_t KL_t(p_θ,t ‖ p_ref,t) − E[r]/β]``. Target: none
+exactly. ``∫ w(t)[KL(p_θ,t ‖ p_ref,t)] dt − E[r]/β`` has its t > 0 KL terms minimised by p_ref, so its
 optimum is a reward tilt of p_ref whose strength depends on w(t) (weaker or stronger than the clean tilt
 ``p_ref·e^{r/β}``); DIDR's diffused reward score removes that mismatch. The reward only acts on the final sample,
 which is what makes terminal-reward methods prone to exploiting noise-fragile details of a proxy reward.
@@ -47,14 +53,14 @@ from fewstep_rl.sampling import Transition, forward_noise, random_stop, sample, 
 
 @dataclass
 class DIStarConfig:
-    """Hyper-parameters of the DI*-style baseline (presets in configs/di_star/*.yaml)."""
+    """Hyper-parameters of the DI++-form baseline ``di_star`` (presets in configs/di_star/*.yaml)."""
 
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(1, "generator sampling steps K (1 = one-step generator)")
     shift: float = knob(1.0, "static schedule shift γ of the generator's σ-grid (SD3: 3.0)")
     transition: str = knob("cps(1.0)", "generator chain transition (cps(1.0) = predict x0 and re-noise)")
     backward_simulation: bool = knob(False, "random stop index in 1..K (DMD2); false: full chain, grad on last step")
-    beta: float = knob(1.0, "reward temperature: reward gradient ∇r/β (DI*'s α_rev = 1/β)")
+    beta: float = knob(1.0, "reward temperature: reward gradient ∇r/β (DI++'s α = 1/β)")
     lr: float = knob(1e-3, "learning rate of generator and fake score")
     lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run (both roles)")
     lr_fake_score: float | None = knob(None, "fake-score learning rate (default: lr)")
@@ -86,10 +92,11 @@ class DIStarConfig:
 
 
 class DIStar(FewStepMethod):
-    """DI*-style baseline: IKL/DMD update plus a terminal reward gradient on the generator's clean output."""
+    """The DI++ form (registry key ``di_star``): integral-KL/DMD update plus a terminal reward gradient ∇r/β."""
 
     name = "di_star"
-    paper = "Luo et al. 2024, Diff-Instruct* (arXiv 2410.20898); DI++ (arXiv 2405.18881)"
+    paper = ("DI++ form: Luo 2024, Diff-Instruct++ (arXiv 2405.18881) — integral KL + terminal reward; "
+             "not DI*'s score divergence (arXiv 2410.20898)")
     Config = DIStarConfig
     trainable_roles = ("generator", "fake_score")
     snapshot_roles = {"ema": "generator"}

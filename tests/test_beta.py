@@ -149,5 +149,5 @@ def test_trained_reward_follows_the_tilted_target_at_two_betas(method, tmp_path)
     for beta in (0.25, 1.0):
         got, target, teacher = train_preset(method, beta, tmp_path / f"b{beta}")
         rows.append((beta, got, target, teacher))
-    for beta, got, target, teacher in rows:
+    for _beta, got, target, teacher in rows:
         assert abs(got - target) <= 0.15 * abs(target - teacher), (method, rows)
