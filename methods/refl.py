@@ -23,6 +23,18 @@ Each iteration:
 Target: none in closed form; for small steps the objective is ``E[r]/β − kl_weight·Σ_j KL_j``, a per-step
 (path-space) KL-regularised reward maximisation, not the clean tilted target.
 
+β-regime (``objective: linear``, the toy2d preset) and its fixed point. β is the temperature of the reward term:
+the loss is ``−E[r]/β + kl_weight·mean‖v_θ − v_ref‖²`` — KL-regularised RL ``E[r] − β·KL`` with the velocity penalty
+standing in for the KL. It cannot reach the tilt exactly: the last (trained) step is deterministic, so no per-step KL
+exists there (a Gaussian step's KL ``(1−σ')²σ²‖Δv‖²/(2σ'²)`` diverges as σ' → 0), and the reward acts only through
+its gradient at each sample. With a free velocity at the last step the stationary point is
+``Δv = −σ_{K−1}·d·∇r/(2β·kl_weight)``, i.e. every sample is *translated* along ∇r by
+``σ_{K−1}²·d·∇r/(2β·kl_weight)``: the shift scales as 1/β like the tilt's, but no mass moves between modes and the
+spread is unchanged. For a Gaussian component (std s) with a linear reward the tilt is exactly such a translation by
+``s²·∇r/β``, so ``kl_weight`` is calibrated once per world scale to make the two equal; the toy2d preset's 0.41 is
+that calibration (measured, the parameter sharing across σ makes the shift ~1.6× the free-velocity value). For
+mixtures whose tilt reweights modes the translation is the wrong fixed point (README "β regimes").
+
 Deviations: no pretraining data set exists in these worlds, so the DM/pretraining loss is the reference-velocity
 regression above; DRaFT-LV's variance reduction is not implemented.
 """
