@@ -45,7 +45,7 @@ reference (implicit reward ``ℓ_ref − ℓ_φ``); the generator follows ``d_kl
 unguided teacher) + ``λ d_cfg`` (CFG as implicit reward) + ``(1−λ) d_rl`` (the surrogate's score difference), so at a
 fixed point its law is approximately ``p_teacher · (p_D/p_ref)^{(1−λ)·w_f/w_r} · (CFG tilt)^λ`` — a reward-tilted
 teacher whose temperature is set implicitly by β_dpo, the DGPO masks (drift threshold) and the normalisers, not by an
-explicit β. With ``regime: paper`` (sd3/shapes presets) ``beta`` is only the temperature of the tilted reference used
+explicit β. With ``regime: paper`` (sd3/shapes and toy2d_region presets) ``beta`` is only the temperature of the tilted reference used
 by evaluation.
 
 β-regime (``regime: tilt``, toy2d preset). DGPO's drift regulariser ``R = mean (D_φ − T)²`` is a KL to the reference
@@ -68,7 +68,7 @@ Knobs (methods.md §4.8): ``dpo_beta`` β_dpo, ``clip_eps`` ε, ``rl_guidance`` 
 generator/fake and (0.9, 0.999) for the surrogate, EMA 0.9, old-surrogate schedule.
 
 Known behaviour (toy2d, region reward). The in-region mass rises toward the tilted target within a few hundred
-epochs (preset: 400), then slowly drifts back on long runs (measured with the preset's values: mass 0.50 → 0.75 at
+epochs (``toy2d_region`` preset: 400), then slowly drifts back on long runs (measured with its values: mass 0.50 → 0.75 at
 300 epochs → 0.68 at 600; with 4× larger learning rates it oscillates and ends below the teacher's mass). The
 negative-advantage half of DGPO *raises* the surrogate's denoising error on dispreferred samples, an unstable
 direction whose growth only the trust region and the reference mask (R > drift_threshold) bound; once most samples are
@@ -86,7 +86,7 @@ Deviations from the reference code:
       equivalent).
     * Group-shared noise is keyed by the group id (unique across ranks) instead of the prompt, so two groups with the
       same prompt in one batch (toy2d has two prompts) get independent noise.
-    * ``shared_levels: false`` (toy2d preset) draws one level per sample instead of one per global batch, and
+    * ``shared_levels: false`` (toy2d presets) draws one level per sample instead of one per global batch, and
       ``normalizer: batch`` divides the direction losses by batch means (2-D: per-sample weights have infinite
       variance); the paper values are ``true`` and ``sample``.
 """
