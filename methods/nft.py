@@ -36,7 +36,10 @@ The tilt ``p* ∝ p_ref·e^{r/β}`` satisfies ``∂v_λ/∂λ = Cov_λ(r, u|x_t)
 the exact tilt whenever that covariance does not change along the tilt path — Gaussian components with a linear
 reward (a mean shift leaves the posterior covariance unchanged; toy2d's default world) — and its first-order (in
 1/β) approximation otherwise: for mixtures whose tilt moves mass between modes it under- or over-reweights the
-modes. Measured distance: README "β regimes". ``nft_beta``, ``adv_clip`` and ``norm_floor`` do not enter the
+modes. Measured (toy2d preset, r = x_1): mean reward 1.003 at β = 0.25 and 0.263 at β = 1 against the closed-form
+1.0 and 0.25 (energy to the tilt 0.006 / 0.0007, floor 0.0004); on one prompt covering both Gaussians (±2, r = x_1/2,
+β = 2, tilt moves the right mode's mass 0.50 → 0.731) 300 epochs reach mass 0.688 and 87 % of the reward gain —
+under-reweighted, as the first-order fixed point predicts. README "β regimes". ``nft_beta``, ``adv_clip`` and ``norm_floor`` do not enter the
 on-policy gradient in this regime (A_max only sets the curvature of the quadratic, i.e. the trust region).
 
 Deviations from the paper:
