@@ -220,3 +220,29 @@ def test_region_reward_reaches_the_tilted_target(tmp_path):
     target, trained, base = fm["tilted_region_mass"], fm["region_mass"], fm["teacher_region_mass"]
     assert abs(trained - target) < 0.5 * abs(base - target)
     assert fm["energy_tilted"] < teacher["energy_tilted"]
+
+
+@pytest.mark.parametrize("regime", ["paper", "tilt"])
+def test_fake_and_generator_losses_share_the_step_level(tmp_path, monkeypatch, regime):
+    """methods.md §4.5: one τ_j per trained step for both the fake and the generator loss (per sample here)."""
+    from fewstep_rl.methods.tdm_r1 import TDMR1
+
+    seen: dict[str, list[torch.Tensor]] = {"fake": [], "gen": []}
+    fake, gen = TDMR1.fake_loss, TDMR1.generator_loss
+
+    def fake_spy(self, *args, **kwargs):
+        seen["fake"].append(args[5].clone())
+        return fake(self, *args, **kwargs)
+
+    def gen_spy(self, *args, **kwargs):
+        seen["gen"].append(args[7].clone())
+        return gen(self, *args, **kwargs)
+
+    monkeypatch.setattr(TDMR1, "fake_loss", fake_spy)
+    monkeypatch.setattr(TDMR1, "generator_loss", gen_spy)
+    _fit(tmp_path, 2, **{"world.hidden": 32, "method.batch_size": 4, "method.group_size": 4,
+                         "method.regime": regime, "trainer.eval_samples": 16})
+    assert len(seen["fake"]) == len(seen["gen"]) == 2 * 2  # 2 iterations × train_steps 2
+    for a, b in zip(seen["fake"], seen["gen"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(seen["fake"][0], seen["fake"][1])  # fresh levels per step
