@@ -3,9 +3,9 @@
 ::
 
     fewstep-rl validate --method M [--worlds N] [--seed S] [--family all|2d|8d] [--reward auto|mixed|linear|region]
-                        [--steps N] [--jobs J] [--eval_samples N] [--config FILE ...] [--out DIR]
+                        [--steps N] [--jobs J] [--eval_samples N] [--config FILE ...] [--out DIR] [--only I,J]
 
-Every world is :func:`fewstep_rl.worlds.toy2d_problems.make_problem` ``(S, i)``: its means/stds/weights/prompts
+``--only`` trains only the listed world indices (of the N); the summary is then over those. Every world is :func:`fewstep_rl.worlds.toy2d_problems.make_problem` ``(S, i)``: its means/stds/weights/prompts
 replace the ``world`` section, its reward the ``rewards`` list and its β ``method.beta``; everything else is the
 method's packaged ``configs/<method>/toy2d.yaml`` preset (plus ``--config`` files, the same for every world: one
 method-level setting, no per-world tuning). After training, ``eval_samples`` samples of the method's sampling role
@@ -241,7 +241,7 @@ def write_results(out: Path, method: str, args: dict[str, Any], rows: list[dict[
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 FLAGS = {"method": "value", "worlds": "value", "seed": "value", "family": "value", "reward": "value",
-         "steps": "value", "jobs": "value", "eval_samples": "value", "config": "list", "out": "value", "help": "bool"}
+         "steps": "value", "jobs": "value", "eval_samples": "value", "config": "list", "out": "value", "only": "value", "help": "bool"}
 
 
 def _int(opts: dict, key: str, default: int, minimum: int) -> int:
@@ -293,6 +293,14 @@ def main(argv: list[str], parse: Any) -> int:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(opts.get("out") or f"runs/validate-{method}-{stamp}")
     problems = make_problems(n, seed, family, kind)
+    if opts.get("only"):
+        try:
+            pick = sorted({int(i) for i in str(opts["only"]).split(",")})
+        except ValueError:
+            raise ConfigError(f"--only takes world indices like 0,3 (below --worlds {n}), got {opts['only']!r}") from None
+        if not pick or pick[0] < 0 or pick[-1] >= n:
+            raise ConfigError(f"--only takes world indices like 0,3 (below --worlds {n}), got {opts['only']!r}")
+        problems = [problems[i] for i in pick]
     # fail on a bad --config before any training: resolve the first world once
     resolve_world_run(method, problems[0], opts["config"], steps, seed, out / "worlds" / problems[0].name)
     print(f"validate {method} on {n} worlds (seed {seed}, family {family}, rewards {kind}, jobs {jobs}) → {out}",
@@ -300,10 +308,17 @@ def main(argv: list[str], parse: Any) -> int:
     args = [(method, p.to_dict(), list(opts["config"]), steps, seed, eval_samples, str(out / "worlds" / p.name))
             for p in problems]
     rows: list[dict[str, Any]] = []
+    meta = {"worlds": n, "seed": seed, "family": family, "reward": kind, "steps": steps,
+            "eval_samples": eval_samples, "config": list(opts["config"]), "only": opts.get("only")}
+
+    def done(row: dict[str, Any]) -> None:  # print and rewrite the results files after every world (partial runs)
+        rows.append(row)
+        print(format_row(row), flush=True)
+        write_results(out, method, meta, rows, summarise(rows))
+
     if jobs == 1:
         for a in args:
-            rows.append(train_and_score(*a))
-            print(format_row(rows[-1]), flush=True)
+            done(train_and_score(*a))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -312,13 +327,11 @@ def main(argv: list[str], parse: Any) -> int:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
             futs = [ex.submit(train_and_score, *a) for a in args]
             for f in as_completed(futs):
-                rows.append(f.result())
-                print(format_row(rows[-1]), flush=True)
+                done(f.result())
         order = {p.name: i for i, p in enumerate(problems)}
         rows.sort(key=lambda r: order[r["world"]])
     summary = summarise(rows)
-    write_results(out, method, {"worlds": n, "seed": seed, "family": family, "reward": kind, "steps": steps,
-                                "eval_samples": eval_samples, "config": list(opts["config"])}, rows, summary)
+    write_results(out, method, meta, rows, summary)
     print(format_summary(method, summary))
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}", file=sys.stderr)
     return 0
