@@ -156,19 +156,51 @@ def _draw_means(rng: random.Random, k: int, d: int, min_dist: float) -> list[lis
     raise RuntimeError("toy2d_problems: could not place separated means")  # pragma: no cover (K ≤ 4 in [−3, 3]^d)
 
 
+def _move_fn(problem: Problem) -> Any:
+    """``β ↦ max_mass_moved(β)`` in plain floats (the solver calls it a few hundred times per problem)."""
+    rows = [problem.prompt_weights(p).tolist() for p in problem.prompts]
+    if problem.reward["name"] == "linear":
+        w = problem.reward["w"]
+        a = [sum(m_i * w_i for m_i, w_i in zip(m, w)) for m in problem.means]
+        b = [s * s * sum(w_i * w_i for w_i in w) / 2 for s in problem.stds]
+
+        def gains(beta: float) -> list[float]:
+            lg = [ak / beta + bk / beta**2 for ak, bk in zip(a, b)]
+            top = max(lg)
+            return [math.exp(v - top) for v in lg]
+    else:
+        pb = box_probabilities(problem).tolist()
+        v = float(problem.reward.get("value", 1.0))
+
+        def gains(beta: float) -> list[float]:
+            return [1 + math.expm1(v / beta) * q for q in pb]
+
+    def move(beta: float) -> float:
+        g = gains(beta)
+        best = 0.0
+        for wt in rows:
+            m = [x * y for x, y in zip(wt, g)]
+            z = sum(m)
+            best = max(best, 0.5 * sum(abs(x - y / z) for x, y in zip(wt, m)))
+        return best
+
+    return move
+
+
 def _solve_beta(problem: Problem, move: float) -> float | None:
     """The largest β in [0.1, 20] with ``max_mass_moved(β) ≥ move`` (log grid, then bisection), or None."""
+    moved = _move_fn(problem)
     grid = [math.exp(math.log(_BETA_RANGE[1]) + i * (math.log(_BETA_RANGE[0]) - math.log(_BETA_RANGE[1])) / 120)
             for i in range(121)]
     prev = None
     for b in grid:  # descending β: the first hit is the largest β (the gentlest tilt) that moves enough
-        if problem.max_mass_moved(b) >= move:
+        if moved(b) >= move:
             if prev is None:
                 return b
             lo, hi = math.log(b), math.log(prev)
             for _ in range(40):
                 mid = 0.5 * (lo + hi)
-                if problem.max_mass_moved(math.exp(mid)) >= move:
+                if moved(math.exp(mid)) >= move:
                     lo = mid
                 else:
                     hi = mid
