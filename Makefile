@@ -38,11 +38,10 @@ lint: install ## ruff + import-linter layer contracts
 	cd build/lint && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
 
 VALIDATE_JOBS ?= 2
-VALIDATE_METHODS ?= crd didr rtdmd tdm_r1 flow_grpo nft refl di_star
+VALIDATE_METHODS ?= crd,didr,rtdmd,tdm_r1,flow_grpo,nft,refl,di_star
 validate: install ## slow: every reward-driven method on 10 random multimodal toy2d worlds (runs/validate/<method>)
-	@for m in $(VALIDATE_METHODS); do \
-	  OMP_NUM_THREADS=1 $(VENV)/bin/fewstep-rl validate --method $$m --worlds 10 --seed 0 --jobs $(VALIDATE_JOBS) \
-	    --out runs/validate/$$m || exit 1; done
+	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep-rl validate --method $(VALIDATE_METHODS) --worlds 10 --seed 0 \
+	  --jobs $(VALIDATE_JOBS) --out runs/validate
 
 bench: install ## per-method step time vs. its own network passes, and peak memory
 	$(PY) benchmarks/bench_methods.py

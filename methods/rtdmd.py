@@ -81,6 +81,19 @@ Deviations from the paper / reference code:
       calibration (explicit β); the paper values are ``normalized``, [0.02, 0.98], clamp [0.02, 0.98], true.
     * ``dmd_normalizer: batch`` (toy2d) divides the normalised DMD direction by the batch mean instead of the
       per-sample mean (infinite-variance weights in 2-D; see methods/dmd2.py).
+    * ``ppo_advantage: beta`` + ``ppo_kl`` (issue 13; the paper has β_KL = 0 and std-normalised advantages). Where
+      the mass between *modes* goes is decided by the stochastic steps, which only the PPO branch trains: the last
+      step's DM + BP terms are pathwise gradients at small t, which see a mode's shape but not its weight (for
+      well-separated modes the score does not depend on the weights). With the paper's advantages the PPO branch
+      maximises reward with no anchor, so on multimodal worlds the mode weights overshoot the tilt for as long as
+      the run lasts (issue 13: 112 % of the reward gap). With ``ppo_advantage: beta`` the return of stochastic step j
+      is ``G_j = r/β − ppo_kl·Σ_{k>j} KL_k`` (centred per prompt group), ``KL_k`` the analytic KL of step k's CPS
+      Gaussian to that of ``ppo_ref`` (the generator frozen as it enters stage 2), and each selected step adds the
+      analytic ``ppo_kl·KL_j`` term — with the ``cps_mse`` log-prob's scale ``2s_j²/d`` on both, i.e.
+      ``mean_d (μ_θ − μ_ref)²``. That is the unbiased policy gradient of ``E[r]/β − KL(Q‖Q_ref)`` over the stochastic
+      steps (KL-regularised RL; KL-to-go in the returns, the current step's KL analytically), whose optimum is the
+      stage-1 chain tilted by ``exp(r(x0)/β)``; the last step's DM + BP branch has the same output law as its fixed
+      point, so both branches agree on ``p·exp(r/β)`` when stage 1 reproduces the teacher.
 """
 
 from __future__ import annotations

@@ -124,6 +124,8 @@ def test_cli_validate_one_tiny_world(tmp_path, capsys):
     (["--method", "crd", "--reward", "quad"], "--reward"),
     (["--method", "crd", "--config", "/no/such.yaml"], "config file not found"),
     (["--worlds", "2"], "needs --method"),
+    (["--method", "crd,nope"], "unknown method"),
+    (["--method", "crd", "--only", "5"], "--only"),
 ])
 def test_cli_validate_bad_input(argv, needle, capsys):
     assert main(["validate", *argv]) == 2

@@ -2,10 +2,12 @@
 
 ::
 
-    fewstep-rl validate --method M [--worlds N] [--seed S] [--family all|2d|8d] [--reward auto|mixed|linear|region]
+    fewstep-rl validate --method M[,M2...] [--worlds N] [--seed S] [--family all|2d|8d] [--reward auto|mixed|linear|region]
                         [--steps N] [--jobs J] [--eval_samples N] [--config FILE ...] [--out DIR] [--only I,J]
 
-``--only`` trains only the listed world indices (of the N); the summary is then over those. Every world is :func:`fewstep_rl.worlds.toy2d_problems.make_problem` ``(S, i)``: its means/stds/weights/prompts
+``--only`` trains only the listed world indices (of the N); the summary is then over those. Several methods
+(``--method crd,didr,rtdmd``) share one pool of ``--jobs`` worker processes, interleaved by world index, each with
+its results in ``--out/<method>/``. Every world is :func:`fewstep_rl.worlds.toy2d_problems.make_problem` ``(S, i)``: its means/stds/weights/prompts
 replace the ``world`` section, its reward the ``rewards`` list and its β ``method.beta``; everything else is the
 method's packaged ``configs/<method>/toy2d.yaml`` preset (plus ``--config`` files, the same for every world: one
 method-level setting, no per-world tuning). After training, ``eval_samples`` samples of the method's sampling role
@@ -268,12 +270,13 @@ def main(argv: list[str], parse: Any) -> int:
         return 0
     if over:
         raise ConfigError(f"validate takes no dotted overrides (got {sorted(over)}); put method keys in --config FILE")
-    method = opts.get("method")
     names = registry.names("methods")
-    if not method:
-        raise ConfigError(f"validate needs --method NAME (reward-driven: {', '.join(REWARD_DRIVEN)})")
-    if method not in names:
-        raise ConfigError(f"unknown method {method!r} (installed: {', '.join(names)})")
+    methods = [m.strip() for m in str(opts.get("method") or "").split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"validate needs --method NAME[,NAME...] (reward-driven: {', '.join(REWARD_DRIVEN)})")
+    for m in methods:
+        if m not in names:
+            raise ConfigError(f"unknown method {m!r} (installed: {', '.join(names)})")
     n = _int(opts, "worlds", 10, 1)
     seed = _int(opts, "seed", 0, 0)
     jobs = _int(opts, "jobs", 1, 1)
@@ -282,56 +285,64 @@ def main(argv: list[str], parse: Any) -> int:
     family = opts.get("family") or "all"
     if family not in FAMILIES:
         raise ConfigError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    kind = opts.get("reward") or "auto"
-    if kind not in (*REWARD_KINDS, "auto"):
-        raise ConfigError(f"--reward must be one of auto, {', '.join(REWARD_KINDS)}, got {kind!r}")
-    if kind == "auto":
-        kind = default_reward_kind(method)
+    kind_opt = opts.get("reward") or "auto"
+    if kind_opt not in (*REWARD_KINDS, "auto"):
+        raise ConfigError(f"--reward must be one of auto, {', '.join(REWARD_KINDS)}, got {kind_opt!r}")
     for c in opts["config"]:
         if not Path(c).is_file():
             raise ConfigError(f"config file not found: {c}")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(opts.get("out") or f"runs/validate-{method}-{stamp}")
-    problems = make_problems(n, seed, family, kind)
+    pick = None
     if opts.get("only"):
         try:
             pick = sorted({int(i) for i in str(opts["only"]).split(",")})
         except ValueError:
-            raise ConfigError(f"--only takes world indices like 0,3 (below --worlds {n}), got {opts['only']!r}") from None
+            pick = []
         if not pick or pick[0] < 0 or pick[-1] >= n:
             raise ConfigError(f"--only takes world indices like 0,3 (below --worlds {n}), got {opts['only']!r}")
-        problems = [problems[i] for i in pick]
-    # fail on a bad --config before any training: resolve the first world once
-    resolve_world_run(method, problems[0], opts["config"], steps, seed, out / "worlds" / problems[0].name)
-    print(f"validate {method} on {n} worlds (seed {seed}, family {family}, rewards {kind}, jobs {jobs}) → {out}",
-          flush=True)
-    args = [(method, p.to_dict(), list(opts["config"]), steps, seed, eval_samples, str(out / "worlds" / p.name))
-            for p in problems]
-    rows: list[dict[str, Any]] = []
-    meta = {"worlds": n, "seed": seed, "family": family, "reward": kind, "steps": steps,
-            "eval_samples": eval_samples, "config": list(opts["config"]), "only": opts.get("only")}
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(opts.get("out") or f"runs/validate-{'-'.join(methods)}-{stamp}")
+    plan: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        kind = default_reward_kind(m) if kind_opt == "auto" else kind_opt
+        problems = make_problems(n, seed, family, kind)
+        if pick is not None:
+            problems = [problems[i] for i in pick]
+        out = root if len(methods) == 1 else root / m
+        # fail on a bad --config before any training: resolve the first world once
+        resolve_world_run(m, problems[0], opts["config"], steps, seed, out / "worlds" / problems[0].name)
+        meta = {"worlds": n, "seed": seed, "family": family, "reward": kind, "steps": steps,
+                "eval_samples": eval_samples, "config": list(opts["config"]), "only": opts.get("only")}
+        plan[m] = {"problems": problems, "out": out, "meta": meta, "rows": []}
+        print(f"validate {m} on {len(problems)} of {n} worlds (seed {seed}, family {family}, rewards {kind}, "
+              f"jobs {jobs}) → {out}", flush=True)
+    # interleaved by world index, so a run cut short has the first worlds of every method
+    args = [(m, plan[m]["problems"][i].to_dict(), list(opts["config"]), steps, seed, eval_samples,
+             str(plan[m]["out"] / "worlds" / plan[m]["problems"][i].name))
+            for i in range(len(plan[methods[0]]["problems"])) for m in methods]
 
-    def done(row: dict[str, Any]) -> None:  # print and rewrite the results files after every world (partial runs)
-        rows.append(row)
-        print(format_row(row), flush=True)
-        write_results(out, method, meta, rows, summarise(rows))
+    def done(m: str, row: dict[str, Any]) -> None:  # print and rewrite the results files after every world
+        plan[m]["rows"].append(row)
+        print(f"{m:<6} {format_row(row)}", flush=True)
+        write_results(plan[m]["out"], m, plan[m]["meta"], plan[m]["rows"], summarise(plan[m]["rows"]))
 
     if jobs == 1:
         for a in args:
-            done(train_and_score(*a))
+            done(a[0], train_and_score(*a))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = [ex.submit(train_and_score, *a) for a in args]
+            futs = {ex.submit(train_and_score, *a): a[0] for a in args}
             for f in as_completed(futs):
-                done(f.result())
-        order = {p.name: i for i, p in enumerate(problems)}
-        rows.sort(key=lambda r: order[r["world"]])
-    summary = summarise(rows)
-    write_results(out, method, meta, rows, summary)
-    print(format_summary(method, summary))
-    print(f"results: {out / 'results.json'}, {out / 'results.csv'}", file=sys.stderr)
+                done(futs[f], f.result())
+    for m in methods:
+        p = plan[m]
+        order = {q.name: i for i, q in enumerate(p["problems"])}
+        p["rows"].sort(key=lambda r: order[r["world"]])
+        summary = summarise(p["rows"])
+        write_results(p["out"], m, p["meta"], p["rows"], summary)
+        print(format_summary(m, summary))
+        print(f"results: {p['out'] / 'results.json'}, {p['out'] / 'results.csv'}", file=sys.stderr)
     return 0
