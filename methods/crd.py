@@ -73,18 +73,11 @@ Deviations:
       against the target's 1.0095. The exact tilt is still a fixed point (the flow of its own samples has zero
       expected flow-matching gradient). An unbiased-
       gradient variant (residual and gradient from independent halves of the draws, no variance penalty) was tried
-      and diverged on toy2d, so it is not offered.
-    * ``variance_correction`` (ours, issue 13): the squared residual of the mean of T draws is unbiased for
-      ``(β E r̂ − R)² + β² Var(r̂)/T``; the second term pulls the implicit reward toward 0, i.e. the policy toward the
-      ratio reference, and it grows with the log-ratio being learned — on multimodal worlds it left the mode weights
-      short of the tilt (the issue's 84 % closure). The correction subtracts ``β² s²/T`` (s² = the unbiased sample
-      variance of the T draws of each sample, with gradient), the U-statistic form of the same loss: its expectation
-      is exactly ``(β E r̂ − R)²`` (up to the stop-gradient group mean's own 1/G share of the variance). Unlike the
-      halves variant it keeps the all-pairs average, so its gradient noise is close to the uncorrected loss's. The
-      levels are then drawn independently per sample and draw (U[t_min, t_max], not stratified): with stratified
-      levels s² also contains the spread of E[r̂ | t] between strata, which is not part of Var(r̄), so the
-      correction over-subtracts and the model learns to inflate that spread (measured: the loss fell to −6 and the
-      gradient norm rose to 76 within 50 iterations).
+      and diverged on toy2d, so it is not offered. Issue 13 tried the all-pairs form too (subtract ``β² s²/T``,
+      s² = the sample variance of each sample's T draws; with stratified levels, and with independent levels): it
+      diverged as well (loss −128, gradient norm 1100 after 150 iterations) — the stop-gradient group mean makes the
+      centred residual's variance smaller than s²/T, so the correction over-subtracts and rewards inflating the
+      draws' spread. Not offered.
     * ``forward_batch``: a micro-batch of whole groups can be pushed through the network in pieces; the stop-gradient
       group means come from a no-grad pass first, so loss and gradient equal the one-pass values (tested).
 """
@@ -149,9 +142,6 @@ class CRDConfig:
     fm_coef: float = knob(
         0.0, "self-consistency: flow matching of v_θ on its own rollouts (ours; keeps r̂ = ELBO a true log-ratio)"
     )
-    variance_correction: bool = knob(
-        False, "subtract β²·s²/T (s² = the T draws' sample variance) from each squared residual: unbiased (βE r̂ − R)²"
-    )
     kl_adaptive: Literal["off", "advantage", "reward"] = knob(
         "advantage", "reward-adaptive KL signal: off (κ=1), advantage in [0,1] (port), raw reward clamped to [0,1]"
     )
@@ -177,8 +167,6 @@ class CRDConfig:
             )
         if self.train_timesteps < 1:
             raise ValueError(f"train_timesteps must be >= 1, got {self.train_timesteps}")
-        if self.variance_correction and not (self.average_timesteps and self.train_timesteps >= 2):
-            raise ValueError("variance_correction needs average_timesteps: true and train_timesteps >= 2")
         if self.forward_batch is not None and self.forward_batch < 1:
             raise ValueError(f"forward_batch must be >= 1 or null, got {self.forward_batch}")
         if not 0.0 < self.t_min < self.t_max <= 1.0:
@@ -242,10 +230,6 @@ class CRD(FewStepMethod):
     def levels(self, n: int) -> Tensor:
         """``(T, n)`` training noise levels: stratified, shared by the batch and ranks or drawn per sample."""
         cfg = self.cfg
-        if cfg.variance_correction:  # independent draws: the sample variance is then unbiased for Var(r̂) (docstring)
-            g = self.rng("timesteps")
-            u = torch.rand(cfg.train_timesteps, n, generator=g, device=g.device, dtype=torch.float64)
-            return (cfg.t_min + (cfg.t_max - cfg.t_min) * u).to(self.device, self.dtype)
         if cfg.shared_timesteps:
             t = stratified_levels(cfg.train_timesteps, cfg.t_min, cfg.t_max, self.rng("timesteps", per_rank=False))
             return t.to(self.device, self.dtype)[:, None].expand(-1, n)
@@ -328,11 +312,6 @@ class CRD(FewStepMethod):
                 ctr = centre[idx][:, p] if len(pieces) > 1 else center_mean_sg(est, group, cfg.centering)
                 r_c = est - ctr
                 loss = crd_regression(r_c, target[p], cfg.beta, cfg.adv_clip, count=n * rows)
-                if cfg.variance_correction:  # E[(β r̄ − R)²] = (β E r̄ − R)² + β² Var(r̂)/T: remove the second term
-                    draws = torch.stack([out[k][0] for k in needed])  # (T, piece)
-                    loss = loss - (cfg.adv_clip / cfg.beta) * cfg.beta**2 * (
-                        draws.float().var(dim=0, unbiased=True) / len(needed)
-                    ).sum() / (n * rows)
                 regs = [out[k][1] for k in needed if out[k][1] is not None]
                 reg = torch.stack(regs).mean() * frac * len(needed) / n_t if regs else None
                 self.manual_backward(loss + reg if reg is not None else loss)
