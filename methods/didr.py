@@ -79,6 +79,9 @@ class DIDRConfig:
     shift: float = knob(1.0, "static schedule shift γ of the generator's σ-grid (SD3: 3.0)")
     transition: str = knob("cps(1.0)", "generator chain transition (cps(1.0) = predict x0 and re-noise)")
     backward_simulation: bool = knob(False, "random stop index in 1..K (DMD2); false: full chain, grad on last step")
+    chain_grad: Literal["last", "all"] = knob(
+        "last", "generator gradient through the last executed step only (DMD2) or through every step of the chain"
+    )
     beta: float = knob(1.0, "tilt temperature β of the target p_ref·exp(r/β) (reward score = ∇r/β)")
     drs: Literal["drp", "exact"] = knob(
         "drp", "diffused reward score: drp = Diffused Reward Proxy; exact = closed form (toy2d, linear rewards)"
@@ -110,6 +113,8 @@ class DIDRConfig:
             raise ValueError(
                 f"need 0 < t_min < t_max < 1 (the reward score term has t²/(1-t)), got {self.t_min}, {self.t_max}"
             )
+        if self.chain_grad not in ("last", "all"):
+            raise ValueError(f"chain_grad must be 'last' or 'all', got {self.chain_grad!r}")
         if self.drs not in ("drp", "exact"):
             raise ValueError(f"drs must be 'drp' or 'exact', got {self.drs!r}")
         if self.weighting not in ("sample", "batch", "kl"):
@@ -178,11 +183,14 @@ class DIDR(FewStepMethod):
             self.randn(self.sample_shape(n), g),
             sigmas,
             self.chain,
-            grad="last" if gen_step else "none",
+            grad=cfg.chain_grad if gen_step else "none",
             stop=stop,
             generator=g,
         )
-        x0 = x0_from_v(traj.x_in[-1], traj.sigma[-1], traj.v[-1])
+        if cfg.chain_grad == "all" and gen_step:  # the chain's output with its graph through every step (σ_K = 0)
+            x0 = traj.final
+        else:
+            x0 = x0_from_v(traj.x_in[-1], traj.sigma[-1], traj.v[-1])
         metrics: dict[str, Any] = {"stop": traj.stop}
         # 2. generator: integral-KL step toward the diffused tilted target (score s̃_ref + s_r)
         if gen_step:

@@ -125,9 +125,63 @@ def test_cli_validate_one_tiny_world(tmp_path, capsys):
     (["--method", "crd", "--config", "/no/such.yaml"], "config file not found"),
     (["--worlds", "2"], "needs --method"),
     (["--method", "crd,nope"], "unknown method"),
-    (["--method", "crd", "--only", "5"], "--only"),
+    (["--method", "crd", "--worlds", "3", "--only", "5"], "--only"),
 ])
 def test_cli_validate_bad_input(argv, needle, capsys):
     assert main(["validate", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+# ---------------------------------------------------------------- the convergence fixes (issue 13 item 2)
+def test_rtdmd_beta_advantages_by_hand():
+    """G_j = r/β − Σ_{k>j} KL_k, centred per prompt group (K = 3 steps → 2 stochastic steps)."""
+    from fewstep_rl.config import build
+    from fewstep_rl.methods.rtdmd import RTDMD, RTDMDConfig
+    from fewstep_rl.rewards import MultiReward
+    from fewstep_rl.rewards.toy2d import LinearReward
+
+    cfg = build(RTDMDConfig, {"beta": 0.5, "num_steps": 3, "subgrpo_steps": 1, "ppo_advantage": "beta",
+                              "ppo_kl": 1.0, "adv_clip": 100.0}, "method")
+    m = RTDMD(cfg, Toy2DWorld(), MultiReward([LinearReward()]))
+    assert "ppo_ref" in m.snapshot_roles and "ppo_ref" not in RTDMD.snapshot_roles
+    r = torch.tensor([1.0, 3.0, 0.0, 2.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]])
+    adv = m.beta_advantages(r, torch.tensor([0, 0, 1, 1]), kl)
+    # step 0: r/β − KL_1 = [1, 4, −3, 0] → centred [−1.5, 1.5, −1.5, 1.5]; step 1: r/β = [2, 6, 0, 4] → [−2, 2, −2, 2]
+    assert torch.allclose(adv, torch.tensor([[-1.5, 1.5, -1.5, 1.5], [-2.0, 2.0, -2.0, 2.0]]))
+
+
+def test_rtdmd_ppo_kl_runs_and_measures_the_distance_to_its_reference(tmp_path):
+    from fewstep_rl.testing.contract import run_fit
+
+    over = {"method.ppo_advantage": "beta", "method.ppo_kl": 1.0, "method.stage1_iterations": 2,
+            "method.batch_size": 4, "method.group_size": 4, "method.lr_stage2": 1e-2, "method.subgrpo_steps": 2}
+    module, _, logged = run_fit("rtdmd", tmp_path, steps=5, overrides=over)
+    assert logged["_all_finite"]
+    assert logged["train/ppo/kl_ref"] > 0  # the generator has left the frozen stage-1 reference
+    x = torch.randn(8, 2)
+    cond = module.backbone.encode_prompts(["left", "right"] * 4)
+    with torch.no_grad():
+        v_ref = module.backbone.velocity(x, torch.full((8,), 0.6), cond, "ppo_ref")
+        v_t = module.backbone.velocity(x, torch.full((8,), 0.6), cond, "teacher")
+        v_g = module.backbone.velocity(x, torch.full((8,), 0.6), cond, "generator")
+    assert not torch.allclose(v_ref, v_t)  # the reference is the stage-1 generator, not the teacher
+    assert not torch.allclose(v_ref, v_g)
+
+
+def test_didr_chain_grad_all_trains_through_every_step(tmp_path):
+    """With chain_grad: all the first step's velocity (at σ = 1) changes; with last only it changes only through
+    weight sharing, so the two runs differ there."""
+    from fewstep_rl.testing.contract import run_fit
+
+    over = {"method.num_steps": 4, "method.fake_updates_per_gen": 1, "method.drs": "exact", "method.lr": 1e-2}
+    a, _, la = run_fit("didr", tmp_path / "a", steps=2, overrides={**over, "method.chain_grad": "all"})
+    b, _, lb = run_fit("didr", tmp_path / "b", steps=2, overrides={**over, "method.chain_grad": "last"})
+    assert la["_all_finite"] and lb["_all_finite"]
+    x = torch.randn(8, 2)
+    cond = a.backbone.encode_prompts(["left", "right"] * 4)
+    with torch.no_grad():
+        va = a.backbone.velocity(x, torch.ones(8), cond, "generator")
+        vb = b.backbone.velocity(x, torch.ones(8), cond, "generator")
+    assert not torch.allclose(va, vb)
