@@ -24,7 +24,7 @@ Each iteration (one prompt batch):
 
 1. Generator chain (as :mod:`methods.dmd2`): K-step ``cps(1.0)`` x0-predict-and-renoise chain from noise (K = 1:
    one-step generator), gradient on the last executed step on generator iterations; x0 = x − σv of that step
-   (optional DMD2 backward simulation: random stop).
+   (optional DMD2 backward simulation: random stop; ``chain_grad: all``: gradient through every step).
 2. Generator update every ``fake_updates_per_gen``-th iteration (TTUR): ``t ~ U[t_min, t_max]``,
    ``x_t = (1-t)x0 + t n``; without gradient the reference (CFG ω) and fake clean estimates; the reward score
    ``s_r(x_t)``, either
@@ -45,6 +45,11 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
       reward at K = 1); with K > 1 it follows the ODE map instead of the posterior mean (costs measured in
       tests/test_didr.py and discussed in :mod:`fewstep_rl.objectives.diffused_reward`).
     * The fake score's t is uniform in σ (flow convention); no GAN term.
+    * ``chain_grad: all`` (toy2d preset; methods.md §3.7 leaves open "which step outputs the IKL is applied to" for
+      the few-step variant): the generator's output x0 carries the gradient through every step of the chain, as the
+      IKL gradient ``∂x_t/∂θ`` of a generator ``x0 = g_θ(z)`` says. DMD2's last-step-only gradient (``last``) never
+      trains the steps that choose a mode: the integral KL's large-t terms see the mode weights, but only the last
+      step can respond, by dragging samples across the gap (a bridge between modes; issue 13, 100x the noise floor).
 """
 
 from __future__ import annotations
