@@ -4,7 +4,7 @@
 # wall limit still has the first worlds of every method). Writes $OUT/validate/{summary.txt,logs.tar.gz}.
 #   OUT=/tmp/dev NCORES=2 DEVICE=cpu QUICK=1 bash device/validate.sh      # smoke test (1 world, few steps)
 set -u
-OUT=${OUT:?set OUT}; NCORES=${NCORES:-10}; QUICK=${QUICK:-0}; WALL=${WALL:-405}
+OUT=${OUT:?set OUT}; NCORES=${NCORES:-10}; QUICK=${QUICK:-0}; WALL=${WALL:-400}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES=""
 R=$OUT/validate; W=$(mktemp -d); mkdir -p "$R"
 FR=${FEWSTEP_RL:-fewstep-rl}
