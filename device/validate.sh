@@ -24,7 +24,7 @@ echo "exit $rc after $(( $(date +%s) - start )) s" >> "$W/validate.log"
 {
   echo "# fewstep-rl validate on the big machine ($(date -u +%F' '%T) UTC), NCORES=$NCORES QUICK=$QUICK"
   echo "# command: fewstep-rl validate --method $METHODS $ARGS --jobs $NCORES (timeout ${WALL}s)"
-  grep -v '^\s*$' "$W/validate.log" | grep -iv warn
+  grep -v '^\s*$' "$W/validate.log" | grep -iv 'warn\|available:\|Tip:'
   echo; echo "# per-method summaries over the worlds that finished (from results.json)"
   for m in ${METHODS//,/ }; do
     python3 - "$W/v/$m/results.json" "$m" <<'PY' 2>&1

@@ -159,13 +159,15 @@ def train_and_score(method: str, problem_dict: dict[str, Any], configs: Sequence
     import logging
     import warnings
 
+    import lightning.pytorch  # noqa: F401 - configures its loggers on import; quieten them afterwards
     import torch
 
     from fewstep_rl.run import assemble, write_run_files
     from fewstep_rl.worlds.toy2d_problems import Problem
 
     torch.set_num_threads(1)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     problem = Problem(**problem_dict)
