@@ -13,10 +13,12 @@ if [ "$QUICK" = 1 ]; then ARGS="--worlds 1 --steps 6 --eval_samples 200"; WALL=3
 echo "validate: $METHODS NCORES=$NCORES wall=${WALL}s start $(date -u +%T)"
 start=$(date +%s)
 # own process group, so the wall limit stops the worker processes too
-setsid $FR validate --method $METHODS $ARGS --jobs "$NCORES" --out "$W/v" > "$W/validate.log" 2>&1 &
+SETSID=$(command -v setsid || true)
+$SETSID $FR validate --method $METHODS $ARGS --jobs "$NCORES" --out "$W/v" > "$W/validate.log" 2>&1 &
 pid=$!
-( sleep "$WALL"; echo "wall limit ${WALL}s reached: stopping" >> "$W/validate.log"; kill -TERM -- -$pid 2>/dev/null
-  sleep 5; kill -KILL -- -$pid 2>/dev/null ) &
+( sleep "$WALL"; echo "wall limit ${WALL}s reached: stopping" >> "$W/validate.log"
+  kill -TERM -- -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null; sleep 5
+  kill -KILL -- -$pid 2>/dev/null || kill -KILL $pid 2>/dev/null ) &
 watcher=$!
 wait $pid; rc=$?
 kill $watcher 2>/dev/null
