@@ -8,7 +8,7 @@ EXTRAS ?= dev,diffusers
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench smoke-cuda clean
+.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,12 @@ lint: install ## ruff + import-linter layer contracts
 	@# fewstep_rl only at import time, so check a real (wheel-layout) install in a scratch directory.
 	rm -rf build/lint && $(PIP) install -q --no-deps --no-build-isolation --target build/lint . >/dev/null
 	cd build/lint && PYTHONPATH=. ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
+
+VALIDATE_JOBS ?= 2
+VALIDATE_METHODS ?= crd,didr,rtdmd,tdm_r1,flow_grpo,nft,refl,di_star
+validate: install ## slow: every reward-driven method on 10 random multimodal toy2d worlds (runs/validate/<method>)
+	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep-rl validate --method $(VALIDATE_METHODS) --worlds 10 --seed 0 \
+	  --jobs $(VALIDATE_JOBS) --out runs/validate
 
 bench: install ## per-method step time vs. its own network passes, and peak memory
 	$(PY) benchmarks/bench_methods.py

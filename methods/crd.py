@@ -79,7 +79,11 @@ Deviations:
       against the target's 1.0095. The exact tilt is still a fixed point (the flow of its own samples has zero
       expected flow-matching gradient). An unbiased-
       gradient variant (residual and gradient from independent halves of the draws, no variance penalty) was tried
-      and diverged on toy2d, so it is not offered.
+      and diverged on toy2d, so it is not offered. Issue 13 tried the all-pairs form too (subtract ``β² s²/T``,
+      s² = the sample variance of each sample's T draws; with stratified levels, and with independent levels): it
+      diverged as well (loss −128, gradient norm 1100 after 150 iterations) — the stop-gradient group mean makes the
+      centred residual's variance smaller than s²/T, so the correction over-subtracts and rewards inflating the
+      draws' spread. Not offered.
     * ``forward_batch``: a micro-batch of whole groups can be pushed through the network in pieces; the stop-gradient
       group means come from a no-grad pass first, so loss and gradient equal the one-pass values (tested).
 """

@@ -24,7 +24,7 @@ Each iteration (one prompt batch):
 
 1. Generator chain (as :mod:`methods.dmd2`): K-step ``cps(1.0)`` x0-predict-and-renoise chain from noise (K = 1:
    one-step generator), gradient on the last executed step on generator iterations; x0 = x − σv of that step
-   (optional DMD2 backward simulation: random stop).
+   (optional DMD2 backward simulation: random stop; ``chain_grad: all``: gradient through every step).
 2. Generator update every ``fake_updates_per_gen``-th iteration (TTUR): ``t ~ U[t_min, t_max]``,
    ``x_t = (1-t)x0 + t n``; without gradient the reference (CFG ω) and fake clean estimates; the reward score
    ``s_r(x_t)``, either
@@ -45,6 +45,11 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
       reward at K = 1); with K > 1 it follows the ODE map instead of the posterior mean (costs measured in
       tests/test_didr.py and discussed in :mod:`fewstep_rl.objectives.diffused_reward`).
     * The fake score's t is uniform in σ (flow convention); no GAN term.
+    * ``chain_grad: all`` (toy2d preset; methods.md §3.7 leaves open "which step outputs the IKL is applied to" for
+      the few-step variant): the generator's output x0 carries the gradient through every step of the chain, as the
+      IKL gradient ``∂x_t/∂θ`` of a generator ``x0 = g_θ(z)`` says. DMD2's last-step-only gradient (``last``) never
+      trains the steps that choose a mode: the integral KL's large-t terms see the mode weights, but only the last
+      step can respond, by dragging samples across the gap (a bridge between modes; issue 13, 100x the noise floor).
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ class DIDRConfig:
     shift: float = knob(1.0, "static schedule shift γ of the generator's σ-grid (SD3: 3.0)")
     transition: str = knob("cps(1.0)", "generator chain transition (cps(1.0) = predict x0 and re-noise)")
     backward_simulation: bool = knob(False, "random stop index in 1..K (DMD2); false: full chain, grad on last step")
+    chain_grad: Literal["last", "all"] = knob(
+        "last", "generator gradient through the last executed step only (DMD2) or through every step of the chain"
+    )
     beta: float = knob(1.0, "tilt temperature β of the target p_ref·exp(r/β) (reward score = ∇r/β)")
     drs: Literal["drp", "exact"] = knob(
         "drp", "diffused reward score: drp = Diffused Reward Proxy; exact = closed form (toy2d, linear rewards)"
@@ -110,6 +118,8 @@ class DIDRConfig:
             raise ValueError(
                 f"need 0 < t_min < t_max < 1 (the reward score term has t²/(1-t)), got {self.t_min}, {self.t_max}"
             )
+        if self.chain_grad not in ("last", "all"):
+            raise ValueError(f"chain_grad must be 'last' or 'all', got {self.chain_grad!r}")
         if self.drs not in ("drp", "exact"):
             raise ValueError(f"drs must be 'drp' or 'exact', got {self.drs!r}")
         if self.weighting not in ("sample", "batch", "kl"):
@@ -178,11 +188,14 @@ class DIDR(FewStepMethod):
             self.randn(self.sample_shape(n), g),
             sigmas,
             self.chain,
-            grad="last" if gen_step else "none",
+            grad=cfg.chain_grad if gen_step else "none",
             stop=stop,
             generator=g,
         )
-        x0 = x0_from_v(traj.x_in[-1], traj.sigma[-1], traj.v[-1])
+        if cfg.chain_grad == "all" and gen_step:  # the chain's output with its graph through every step (σ_K = 0)
+            x0 = traj.final
+        else:
+            x0 = x0_from_v(traj.x_in[-1], traj.sigma[-1], traj.v[-1])
         metrics: dict[str, Any] = {"stop": traj.stop}
         # 2. generator: integral-KL step toward the diffused tilted target (score s̃_ref + s_r)
         if gen_step:

@@ -81,6 +81,19 @@ Deviations from the paper / reference code:
       calibration (explicit β); the paper values are ``normalized``, [0.02, 0.98], clamp [0.02, 0.98], true.
     * ``dmd_normalizer: batch`` (toy2d) divides the normalised DMD direction by the batch mean instead of the
       per-sample mean (infinite-variance weights in 2-D; see methods/dmd2.py).
+    * ``ppo_advantage: beta`` + ``ppo_kl`` (issue 13; the paper has β_KL = 0 and std-normalised advantages). Where
+      the mass between *modes* goes is decided by the stochastic steps, which only the PPO branch trains: the last
+      step's DM + BP terms are pathwise gradients at small t, which see a mode's shape but not its weight (for
+      well-separated modes the score does not depend on the weights). With the paper's advantages the PPO branch
+      maximises reward with no anchor, so on multimodal worlds the mode weights overshoot the tilt for as long as
+      the run lasts (issue 13: 112 % of the reward gap). With ``ppo_advantage: beta`` the return of stochastic step j
+      is ``G_j = r/β − ppo_kl·Σ_{k>j} KL_k`` (centred per prompt group), ``KL_k`` the analytic KL of step k's CPS
+      Gaussian to that of ``ppo_ref`` (the generator frozen as it enters stage 2), and each selected step adds the
+      analytic ``ppo_kl·KL_j`` term — with the ``cps_mse`` log-prob's scale ``2s_j²/d`` on both, i.e.
+      ``mean_d (μ_θ − μ_ref)²``. That is the unbiased policy gradient of ``E[r]/β − KL(Q‖Q_ref)`` over the stochastic
+      steps (KL-regularised RL; KL-to-go in the returns, the current step's KL analytically), whose optimum is the
+      stage-1 chain tilted by ``exp(r(x0)/β)``; the last step's DM + BP branch has the same output law as its fixed
+      point, so both branches agree on ``p·exp(r/β)`` when stage 1 reproduces the teacher.
 """
 
 from __future__ import annotations
@@ -104,6 +117,7 @@ from fewstep_rl.objectives import (
     ppo_clip_loss,
     reward_hinge,
 )
+from fewstep_rl.objectives.crd import center
 from fewstep_rl.objectives.kl_dmd import kl_dmd_loss
 from fewstep_rl.roles import EMA, copy_role
 from fewstep_rl.sampling import (
@@ -117,6 +131,7 @@ from fewstep_rl.sampling import (
     x0_from_v,
 )
 from fewstep_rl.sampling.subsets import step_subset
+from fewstep_rl.sampling.transitions import transition_mean_std
 
 
 @dataclass
@@ -162,6 +177,12 @@ class RTDMDConfig:
     ppo_clip: float = knob(1e-5, "PPO clip ε (both sides; tight because the CPS log-prob is an unscaled MSE)")
     ppo_weight: float = knob(1.0, "weight of the PPO (likelihood-ratio) branch (0 = off)")
     adv_clip: float = knob(5.0, "advantage clip")
+    ppo_advantage: Literal["normalized", "beta"] = knob(
+        "normalized", "PPO advantages: normalise-then-sum (paper) or beta = (r − group mean)/β minus the KL-to-go"
+    )
+    ppo_kl: float = knob(
+        0.0, "β_KL of the stochastic steps' KL to the frozen stage-1 generator (paper 0; 1 with beta: the β-tilt)"
+    )
     dm_weight: float = knob(1e-3, "w_dm: weight of the DM term on the last step")
     dmd_weighting: Literal["normalized", "kl"] = knob(
         "normalized", "aux DM term: RTDMD's normalised DMD (paper) or the exact ∇KL_t (explicit β = dm_weight/bp_scale)"
@@ -216,6 +237,10 @@ class RTDMDConfig:
             raise ValueError("EMA decays must lie in [0, 1] and ema_every_stage2 must be >= 1")
         if self.bp_scale is not None and self.bp_scale < 0:
             raise ValueError(f"bp_scale must be >= 0, got {self.bp_scale}")
+        if self.ppo_kl < 0:
+            raise ValueError(f"ppo_kl must be >= 0, got {self.ppo_kl}")
+        if self.ppo_advantage not in ("normalized", "beta"):
+            raise ValueError(f"ppo_advantage must be 'normalized' or 'beta', got {self.ppo_advantage!r}")
 
     def bp(self) -> float:
         """λ_bp: explicit, else ``dm_weight/beta`` for ``kl`` weighting (explicit β), else the paper's 1e-4."""
@@ -241,6 +266,8 @@ class RTDMD(FewStepMethod):
         self.ema1 = EMA("ema", "generator", cfg.ema_decay)
         self.ema2 = EMA("ema", "generator", cfg.ema_decay_stage2, every=cfg.ema_every_stage2, warmup=True)
         self.keep_last_rollout = False  # testing: keep (subset, prompts, trajectories) of the last epoch
+        if cfg.ppo_kl > 0:  # frozen PPO reference: the generator as it enters stage 2
+            self.snapshot_roles = {**type(self).snapshot_roles, "ppo_ref": "generator"}
         self.last_rollout: tuple[tuple[int, ...], list[str], list[Trajectory]] | None = None
         self.bp_active = cfg.bp() > 0 and len(self.rewards.differentiable_subset()) > 0
         if cfg.bp() > 0 and not self.bp_active:
@@ -289,9 +316,12 @@ class RTDMD(FewStepMethod):
     def _fold_stage1(self) -> None:
         """The paper's "merge the stage-1 adapters into the base and start fresh ones", per role (module docstring):
         the generator (= its EMA here) into the generator's and the EMA's private base, the fake score into its own."""
+        ref = ["ppo_ref"] if "ppo_ref" in self.snapshot_roles else []
         if not self.cfg.merge_at_boundary:
+            for r in ref:
+                copy_role(self.backbone, r, "generator")
             return
-        self.backbone.fold_role("generator", into=["ema"])
+        self.backbone.fold_role("generator", into=["ema", *ref])
         self.backbone.fold_role("fake_score")
 
     # ------------------------------------------------------------------ shared pieces
@@ -393,6 +423,44 @@ class RTDMD(FewStepMethod):
         n = group.shape[0]
         return adv.reshape(self.trainer.world_size, n)[self.global_rank]
 
+    def ppo_ref_kl(self, trajs: list[Trajectory], conds: list[Any]) -> Tensor | None:
+        """``KL(π_old(·|x_k) ‖ π_ref(·|x_k)) = Σ_d (μ_old − μ_ref)²/(2 s_k²)`` per stochastic step k and sample,
+        ``(K−1, n)``, no gradient (None without ``ppo_kl``)."""
+        if self.cfg.ppo_kl == 0:
+            return None
+        rows = []
+        with torch.no_grad():
+            for c, tr in enumerate(trajs):
+                per_step = []
+                for k in range(self.cfg.num_steps - 1):
+                    v_ref = self.backbone.velocity(tr.x_in[k], tr.sigma[k], conds[c], "ppo_ref")
+                    mean_ref, _ = transition_mean_std(tr.transition, tr.x_in[k], tr.sigma[k], tr.sigma_next[k], v_ref,
+                                                      tr.sigma_max)
+                    d2 = (tr.mean[k].detach() - mean_ref).pow(2) / (2 * tr.std[k].pow(2).clamp_min(1e-12))
+                    per_step.append(d2.flatten(1).sum(1))
+                rows.append(torch.stack(per_step))
+        return torch.cat(rows, dim=1).float()
+
+    def beta_advantages(self, reward: Tensor, group: Tensor, kl_steps: Tensor | None) -> Tensor:
+        """``A_j = G_j − mean_group G_j`` with ``G_j = r/β − ppo_kl Σ_{k>j} KL_k`` per stochastic step j, ``(K−1, n)``.
+
+        With ``ppo_kl = 1`` the PPO gradient plus the analytic per-step KL term is the (unbiased) policy gradient of
+        ``E[r]/β − KL(Q‖Q_ref)`` over the stochastic steps, whose optimum is ``Q_ref·exp(r(x0)/β)/Z``: the frozen
+        stage-1 chain tilted at temperature β (module docstring).
+        """
+        cfg = self.cfg
+        n = reward.shape[0]
+        g = reward.detach().float()[None].expand(cfg.num_steps - 1, n) / cfg.beta
+        if kl_steps is not None:  # KL-to-go: the steps after j
+            after = kl_steps.flip(0).cumsum(0).flip(0) - kl_steps
+            g = g - cfg.ppo_kl * after
+        full = self._gather(g.T.contiguous()).T  # (K−1, N) over every rank
+        groups = self._gather(group.to(self.device))
+        adv = torch.stack([center(row, groups, "group") for row in full]).clamp(-cfg.adv_clip, cfg.adv_clip)
+        if self._trainer is None or self.trainer.world_size == 1:
+            return adv
+        return adv.reshape(cfg.num_steps - 1, self.trainer.world_size, n)[:, self.global_rank]
+
     def _epoch_tag(self, tag: str, e: int) -> str:
         """RNG tag of stage-2 sub-epoch ``e`` of this iteration (unchanged for the first: one epoch per iteration
         reproduces runs made before ``stage2_epochs_per_batch`` existed)."""
@@ -472,9 +540,17 @@ class RTDMD(FewStepMethod):
         # 3. rewards → advantages
         with torch.no_grad():
             scores = self.rewards(self.backbone.decode(x0), prompts)
-        adv = self.advantages(scores, group)
+        kl_steps = self.ppo_ref_kl(trajs, conds)  # (K−1, n) true-scale KL of each stochastic step, or None
+        if cfg.ppo_advantage == "beta":
+            adv_steps = self.beta_advantages(self.rewards.combine(scores), group, kl_steps)
+            adv = adv_steps[0]
+        else:
+            adv = self.advantages(scores, group)
+            adv_steps = None
         metrics: dict[str, Any] = {"stage": 2, "reward": self.rewards.combine(scores).mean(),
                                    "adv_nonzero": (adv != 0).float().mean()}
+        if kl_steps is not None:
+            metrics["ppo/kl_ref"] = kl_steps.sum(0).mean()
         # 4. fake refresh on the final samples (s = 0): one optimiser step
         zero = torch.zeros(chunk, device=x0.device, dtype=x0.dtype)
         self._stage_hparams("fake_score")
@@ -500,8 +576,16 @@ class RTDMD(FewStepMethod):
             for j in selected:
                 if cfg.ppo_weight == 0:
                     continue
-                lp, _, _ = recompute_log_prob(self.velocity_fn("generator", conds[c]), tr, j)
+                if adv_steps is not None:
+                    a = adv_steps[j, c * chunk:(c + 1) * chunk]
+                lp, mean_j, _ = recompute_log_prob(self.velocity_fn("generator", conds[c]), tr, j)
                 loss_p, pm = ppo_clip_loss(lp, tr.log_prob[j], a, cfg.ppo_clip)
+                if kl_steps is not None:  # analytic KL of this step, in the cps_mse log-prob's units (docstring)
+                    with torch.no_grad():
+                        v_ref = self.backbone.velocity(tr.x_in[j], tr.sigma[j], conds[c], "ppo_ref")
+                        mean_ref = transition_mean_std(tr.transition, tr.x_in[j], tr.sigma[j], tr.sigma_next[j],
+                                                       v_ref, tr.sigma_max)[0]
+                    loss_p = loss_p + cfg.ppo_kl * (mean_j - mean_ref).pow(2).flatten(1).mean(1).mean()
                 ratio_dev = torch.maximum(ratio_dev, (lp.detach() - tr.log_prob[j]).abs().max())
                 self.manual_backward(cfg.ppo_weight * loss_p / terms)
                 metrics["ppo/loss"] = loss_p.detach()

@@ -129,11 +129,16 @@ def test_bp_scale_sets_beta_with_kl_weighting():
 
 
 # ---------------------------------------------------------------------------------------------- mechanics
+# the role/fold structure of the paper's PPO branch (the toy2d preset's ppo_kl adds a frozen ppo_ref role)
+PAPER_PPO = {"method.ppo_kl": 0.0}
+
+
 def test_contract_roles_change_teacher_frozen_checkpoint_slim(tmp_path):
     fresh = _build({"method.batch_size": 8})
     before, probe = role_state(fresh), teacher_probe(fresh)
     ck = tmp_path / "a.ckpt"
-    module, _, logged = run_fit(M, tmp_path, steps=6, overrides={"method.stage1_iterations": 3, **S2}, save_as=str(ck))
+    module, _, logged = run_fit(M, tmp_path, steps=6, overrides={"method.stage1_iterations": 3, **S2, **PAPER_PPO},
+                                save_as=str(ck))
     assert logged["_all_finite"] == 1.0
     after = role_state(module)
     for role in ("generator", "fake_score", "ema"):
@@ -190,7 +195,7 @@ def test_several_stage2_epochs_per_batch_step_once_each_and_resume_bit_exact(tmp
 
 
 def test_stage_boundary_restarts_generator_from_ema(tmp_path):
-    over = {"method.stage1_iterations": 3, **S2}
+    over = {"method.stage1_iterations": 3, **S2, **PAPER_PPO}
     m, _, _ = run_fit(M, tmp_path / "s1", steps=3, overrides=over)
     bb = m.backbone
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
@@ -230,8 +235,8 @@ def test_ppo_ratio_is_exactly_one_at_the_first_inner_step(tmp_path):
 
 def test_init_from_loads_generator_from_ema_and_fake_score(tmp_path):
     ck = tmp_path / "s1.ckpt"
-    src, _, _ = run_fit(M, tmp_path / "a", steps=3, overrides={"method.batch_size": 8}, save_as=str(ck))
-    m = _build({"method.stage1_iterations": 0, "method.init_from": str(ck), "method.batch_size": 8})
+    src, _, _ = run_fit(M, tmp_path / "a", steps=3, overrides={"method.batch_size": 8, **PAPER_PPO}, save_as=str(ck))
+    m = _build({"method.stage1_iterations": 0, "method.init_from": str(ck), "method.batch_size": 8, **PAPER_PPO})
     bb = m.backbone
     assert bb.folds == ["fold0__generator__ema", "fold1__fake_score"]  # stage 2 alone folds at once
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))

@@ -9,6 +9,8 @@
     fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
     fewstep-rl list methods|rewards|worlds
     fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--calibration_steps N] [--minutes M] [--out DIR]
+    fewstep-rl validate --method M [--worlds N] [--seed S] [--family all|2d|8d] [--reward auto|mixed|linear|region]
+                   [--steps N] [--jobs J] [--eval_samples N] [--config FILE ...] [--out DIR]
 
 Departure from architecture.md §3 (which names LightningCLI): the parser is our own, over typed dataclasses,
 because the public config layout (``method``/``world``/``rewards``/``trainer`` sections, ``--method.KEY``
@@ -352,7 +354,14 @@ def cmd_world(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world}
+def cmd_validate(argv: list[str]) -> int:
+    from fewstep_rl.validate import main as validate_main
+
+    return validate_main(argv, _parse)
+
+
+COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world,
+            "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:
