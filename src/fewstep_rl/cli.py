@@ -149,8 +149,8 @@ def _fit(resolved: Any, ckpt_path: str | None, overwrite: bool = False, allow_ch
     from fewstep_rl.eval.callbacks import RunCallback
     from fewstep_rl.guards import Interrupted, dumps
     from fewstep_rl.resume import plan_resume
-    from fewstep_rl.rundir import check_run_dir, is_launched_rank, open_run_dir
     from fewstep_rl.run import assemble, default_run_dir, versions
+    from fewstep_rl.rundir import check_run_dir, is_launched_rank, open_run_dir
 
     tc = resolved.trainer
     plan = plan_resume(ckpt_path, resolved, allow_changes) if ckpt_path else None

@@ -22,6 +22,7 @@ already skips inf/NaN steps, so the gradient guard is off there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -129,6 +130,22 @@ def _sync_max(trainer: Any, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _align_logger_step(checkpoint: dict[str, Any], done: int) -> None:
+    """Make the resumed run log iteration ``done`` at step ``done``, as the uninterrupted run does.
+
+    Lightning assumes a checkpoint written in ``on_train_batch_end`` and, on restart, adds 1 to the saved
+    ``_batches_that_stepped`` unless the progress counters say the checkpoint was taken after the last batch
+    (``update_restart_stage``/``reset`` of its training epoch loop). Our checkpoints are taken at other points (the
+    start of the next iteration, the end of training), so store the value that restart turns into ``done``.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    state, prog = loop.get("epoch_loop.state_dict"), loop.get("epoch_loop.batch_progress", {}).get("total")
+    if not isinstance(state, dict) or not isinstance(prog, dict) or "_batches_that_stepped" not in state:
+        return
+    on_last = prog["started"] == prog["ready"] and prog["processed"] == prog["started"] == prog["completed"]
+    state["_batches_that_stepped"] = done - (0 if on_last else 1)
+
+
 def _callback_cls() -> type:
     import lightning as L
 
@@ -182,10 +199,8 @@ def _callback_cls() -> type:
 
         def _restore(self) -> None:
             for s, h in self._old.items():
-                try:
+                with contextlib.suppress(ValueError):
                     signal.signal(s, h if h is not None else signal.SIG_DFL)
-                except ValueError:
-                    pass
             self._old = {}
 
         # ---------------------------------------------------------------- hooks
@@ -260,6 +275,9 @@ def _callback_cls() -> type:
         def on_exception(self, trainer: Any, module: Any, exception: BaseException) -> None:
             self._restore()
 
+        def on_save_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
+            _align_logger_step(checkpoint, int(module.stream_pos))
+
         # ---------------------------------------------------------------- helpers
         def save(self, trainer: Any, done: int) -> None:
             """Flush the logger (so ``metrics.csv`` holds every row up to the checkpoint), then save ``last.ckpt``."""
@@ -276,10 +294,11 @@ def _callback_cls() -> type:
             fresh = fresh if isinstance(fresh, (list, tuple)) else [fresh]
             for live, new in zip(trainer.optimizers, fresh):
                 for g, ng in zip(live.param_groups, new.param_groups):
-                    for k in ("lr", "betas", "weight_decay", "eps"):
-                        if k in ng:
+                    for k in ("betas", "weight_decay", "eps"):
+                        if k in ng and g.get(k) != ng[k]:
                             g[k] = ng[k]
-                    g["initial_lr"] = ng["lr"]
+                    if g.get("initial_lr", g["lr"]) != ng["lr"]:  # step_role scales initial_lr by the schedule
+                        g["initial_lr"] = g["lr"] = ng["lr"]
 
     return SafetyCallback
 
