@@ -187,19 +187,36 @@ def test_two_concurrent_runs_one_wins(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_ranks_lock_and_sigterm(tmp_path):
     """2-rank DDP through the CLI: rank 0 holds the lock; SIGTERM to rank 0 saves on every rank and stops both."""
+    import subprocess
+    import sys
+
     d = tmp_path / "ddp"
     argv = [*FIT, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
             "--trainer.max_steps", "400", "--trainer.run_dir", str(d)]
-    p = fork_cli(argv, tmp_path / "ddp.log", env={"OMP_NUM_THREADS": "1"})
-    assert wait_for(d / "metrics.csv", p, timeout=240) or wait_for(d / "checkpoints" / "last.ckpt", p, timeout=60)
-    second = run_cli(argv, tmp_path / "ddp2.log")
-    one_line_error(second, "in use by another live run", "second run while a DDP run holds the directory")
-    p.kill(signal.SIGTERM)
-    assert p.wait(120) == 128 + signal.SIGTERM, p.text()[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT", "NODE_RANK", "FEWSTEP_RUN_DIR")}
+    env["OMP_NUM_THREADS"] = "1"
+    cli = str(Path(sys.executable).parent / "fewstep-rl")  # a real process: the DDP launcher re-executes argv
+    with open(tmp_path / "ddp.log", "w") as log:
+        p = subprocess.Popen([cli, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            end = time.monotonic() + 300
+            while not (d / "checkpoints" / "last.ckpt").exists() and p.poll() is None and time.monotonic() < end:
+                time.sleep(0.1)
+            assert p.poll() is None, (tmp_path / "ddp.log").read_text()[-3000:]
+            second = run_cli(argv, tmp_path / "ddp2.log")
+            one_line_error(second, "in use by another live run", "second run while a DDP run holds the directory")
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(120) == 128 + signal.SIGTERM, (tmp_path / "ddp.log").read_text()[-3000:]
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     from fewstep_rl.ckpt_io import load_checkpoint
 
     done = load_checkpoint(d / "checkpoints" / "last.ckpt")["fewstep"]["stream_pos"]
     assert 0 < done < 400
+    assert "interrupted by SIGTERM" in (tmp_path / "ddp.log").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs

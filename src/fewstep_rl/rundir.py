@@ -66,8 +66,11 @@ def _same_run(run_dir: Path, ckpt_path: str | None, ckpt_config: dict | None) ->
 
 
 def check_run_dir(run_dir: Path, ckpt_path: str | None = None, overwrite: bool = False,
-                  ckpt_config: dict | None = None) -> None:
-    """Refuse a non-empty ``run_dir`` for a fresh run (reads only; raises :class:`ConfigError`)."""
+                  ckpt_config: dict | None = None, probe_lock: bool = True) -> None:
+    """Refuse a directory held by a live run, or a non-empty ``run_dir`` for a fresh run (raises
+    :class:`ConfigError`; writes nothing)."""
+    if probe_lock and (run_dir / LOCK).is_file():
+        RunLock(run_dir).acquire(create=False).release()
     entries = _entries(run_dir)
     if not entries or overwrite:
         if overwrite and entries and not (run_dir / "config.yaml").is_file():
@@ -90,11 +93,13 @@ class RunLock:
         self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self, create: bool = True) -> RunLock:
+        """Take the lock (``create=False``: only probe an existing lock file, writing nothing)."""
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -103,8 +108,9 @@ class RunLock:
             os.close(fd)
             raise ConfigError(f"run directory {self.path.parent} is in use by another live run ({holder}); wait "
                               f"for it to finish or give another --trainer.run_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        if create:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self.fd = fd
         return self
 
@@ -136,7 +142,7 @@ def open_run_dir(run_dir: Path, config: dict, versions: dict, ckpt_path: str | N
 
     lock = RunLock(run_dir).acquire()
     try:
-        check_run_dir(run_dir, ckpt_path, overwrite, ckpt_config)  # again, now under the lock
+        check_run_dir(run_dir, ckpt_path, overwrite, ckpt_config, probe_lock=False)  # again, now under the lock
         if overwrite and ckpt_path is None:
             _clear(run_dir)
         remove_stale_temporaries(run_dir)
