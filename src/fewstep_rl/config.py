@@ -145,9 +145,9 @@ def check_value(key: str, value: Any, where: str) -> None:
         raise ConfigError(f"'{where}': NaN is not a valid value; give a number")
     if isinstance(value, (list, tuple)) and any(isinstance(v, float) and math.isnan(v) for v in value):
         raise ConfigError(f"'{where}': NaN is not a valid value; give numbers")
-    if (key == "lr" or key.startswith("lr_")) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not (0 < value < math.inf):
-            raise ConfigError(f"'{where}': a learning rate must be a finite number > 0, got {value}")
+    is_lr = (key == "lr" or key.startswith("lr_")) and isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_lr and not (0 < value < math.inf):
+        raise ConfigError(f"'{where}': a learning rate must be a finite number > 0, got {value}")
 
 
 def build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
