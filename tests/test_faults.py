@@ -67,7 +67,7 @@ def _kill_trials(ref, tmp_path, seeds, kills=2):
     for seed in seeds:
         rng = random.Random(seed)
         d = tmp_path / f"kill{seed}"
-        counts = kill_and_resume(FIT, d, rng, kills, max_delay=2.5, log_dir=tmp_path)
+        counts = kill_and_resume(FIT, d, rng, kills, max_delay=1.5, log_dir=tmp_path)
         diffs = same_final_state(ref, d)
         FIGURES["runs_killed"] += counts["kills"] > 0
         FIGURES["kills"] += counts["kills"]

@@ -207,10 +207,18 @@ def kill_and_resume(argv: list[str], run_dir: Path, rng: Any, kills: int, max_de
         else:
             extra = ["--overwrite"]
             out["restarts"] += 1
+        metrics = run_dir / "metrics.csv"
+        size0 = metrics.stat().st_size if metrics.exists() else -1
         p = fork_cli([*argv, "--trainer.run_dir", str(run_dir), *extra], log_dir / f"{run_dir.name}.{attempt}.log")
         attempt += 1
         if out["kills"] < kills:
-            wait_for(run_dir / "config.yaml", p) if attempt == 1 else None
+            # Kill at a random moment after this attempt has started training and saved once (metrics.csv is
+            # flushed with every checkpoint), so the kills land in training, saves and evaluations, not start-up.
+            end = time.monotonic() + 120
+            while p.poll() is None and time.monotonic() < end:
+                if (metrics.stat().st_size if metrics.exists() else -1) != size0:
+                    break
+                time.sleep(0.01)
             time.sleep(rng.uniform(0.0, max_delay))
             if p.poll() is None:
                 p.kill()
