@@ -29,7 +29,7 @@ class Proc:
     log: Path
     rc: int | None = None
 
-    def wait(self, timeout: float = 300.0) -> int:
+    def wait(self, timeout: float = 1200.0) -> int:
         end = time.monotonic() + timeout
         while self.rc is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -106,7 +106,7 @@ def fork_cli(argv: list[str], log: Path, env: dict[str, str] | None = None,
         os._exit(rc)
 
 
-def run_cli(argv: list[str], log: Path, timeout: float = 300.0, **kw: Any) -> Proc:
+def run_cli(argv: list[str], log: Path, timeout: float = 1200.0, **kw: Any) -> Proc:
     p = fork_cli(argv, log, **kw)
     p.wait(timeout)
     return p
