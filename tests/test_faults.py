@@ -82,6 +82,7 @@ def test_kill9_then_resume_is_bit_exact(ref, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_kill9_at_random_points_over_many_runs(ref, tmp_path):
     _kill_trials(ref, tmp_path, seeds=range(100, 100 + int(os.environ.get("FEWSTEP_FAULT_RUNS", "12"))), kills=3)
 
