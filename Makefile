@@ -8,7 +8,7 @@ EXTRAS ?= dev,diffusers
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate
+.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ test: install ## run the test suite (slow tests excluded)
 
 test-slow: install ## run only the slow tests
 	$(PY) -m pytest -q -m slow
+
+test-faults: install ## fault injection: kill -9/SIGINT/SIGTERM + resume bit-exact, bad checkpoints/rewards/inputs (< 10 min)
+	$(PY) -m pytest -q -m faults tests/test_faults.py
 
 lint: install ## ruff + import-linter layer contracts
 	$(VENV)/bin/ruff check src methods rewards tests benchmarks

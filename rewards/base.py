@@ -18,6 +18,35 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from fewstep_rl.config import ConfigError
+
+
+class RewardError(ConfigError):
+    """A reward returned something other than finite float scores of shape ``(B,)`` (names the reward)."""
+
+
+def check_scores(name: str, out: Any, batch: int) -> Tensor:
+    """The boundary check every reward call passes: a float tensor of shape ``(batch,)``, all finite.
+
+    Raises :class:`RewardError` naming the reward, what it returned and what is allowed.
+    """
+    if not isinstance(out, Tensor):
+        raise RewardError(f"reward {name!r} returned a {type(out).__name__}; a reward must return a float tensor of "
+                          f"shape ({batch},), one score per sample")
+    if tuple(out.shape) != (batch,):
+        raise RewardError(f"reward {name!r} returned shape {tuple(out.shape)} for {batch} samples; a reward must "
+                          f"return shape ({batch},), one score per sample")
+    if not (out.is_floating_point() or out.dtype in (torch.int32, torch.int64, torch.bool)):
+        raise RewardError(f"reward {name!r} returned dtype {out.dtype}; a reward must return float scores")
+    finite = torch.isfinite(out.detach())
+    if not bool(finite.all()):
+        bad = out.detach()[~finite]
+        kinds = ", ".join(k for k, m in (("NaN", bad.isnan()), ("+Inf", bad == float("inf")),
+                                          ("-Inf", bad == float("-inf"))) if bool(m.any()))
+        raise RewardError(f"reward {name!r} returned {int((~finite).sum())} non-finite score(s) ({kinds}) for "
+                          f"{batch} samples; a reward must return finite scores")
+    return out.float()
+
 
 @dataclasses.dataclass
 class NoConfig:
@@ -28,7 +57,8 @@ class Reward(nn.Module):
     """Base class of every reward.
 
     Subclasses set ``name``, ``differentiable`` and ``Config`` and implement :meth:`score`. Call the reward as
-    ``reward(samples, prompts, meta)``; black-box rewards are wrapped in ``no_grad`` automatically.
+    ``reward(samples, prompts, meta)``; black-box rewards are wrapped in ``no_grad`` automatically, and every
+    result passes :func:`check_scores` (shape ``(B,)``, finite) at this boundary.
     """
 
     name: ClassVar[str] = "reward"
@@ -54,7 +84,7 @@ class Reward(nn.Module):
         else:
             with torch.no_grad():
                 out = self.score(samples.detach(), prompts, meta)
-        return out.float().reshape(samples.shape[0])
+        return check_scores(self.name, out, samples.shape[0])
 
 
 class MultiReward(nn.Module):

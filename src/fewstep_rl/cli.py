@@ -3,7 +3,7 @@
 ::
 
     fewstep-rl fit --method NAME [--world NAME] [--config FILE ...] [--a.b.c VALUE ...] [--ckpt_path C]
-                   [--print_config] [--help]
+                   [--allow_changes KEY,...] [--overwrite] [--print_config] [--help]
     fewstep-rl sample (--ckpt C | --teacher [--world NAME]) --n N (--prompt P ... | --prompts FILE) [--steps S]
                    [--guidance G] [--seed S] --out F
     fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
@@ -22,7 +22,7 @@ Values of overrides are parsed as YAML (``--world.means "[[0, 0]]"``, ``--method
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -83,19 +83,24 @@ def _parse(argv: list[str], flags: dict[str, str]) -> tuple[dict[str, Any], dict
     return opts, over
 
 
-def _num(opts: dict, key: str, kind: type = int, default: Any = None) -> Any:
-    """A numeric option, with a clear error for a bad value."""
+def _num(opts: dict, key: str, kind: type = int, default: Any = None, minimum: float | None = None) -> Any:
+    """A numeric option, with a clear error for a bad value (non-finite numbers and values below ``minimum``)."""
     if opts.get(key) is None:
         return default
     try:
-        return kind(opts[key])
+        val = kind(opts[key])
     except ValueError:
         raise UsageError(f"--{key} expects {'an integer' if kind is int else 'a number'}, got {opts[key]!r}") from None
+    if kind is float and not math.isfinite(val):
+        raise UsageError(f"--{key} expects a finite number, got {opts[key]!r}")
+    if minimum is not None and val < minimum:
+        raise UsageError(f"--{key} must be >= {minimum:g}, got {opts[key]!r}")
+    return val
 
 
 # ---------------------------------------------------------------------------------------------------------- fit
 FIT_FLAGS = {"method": "value", "world": "value", "config": "list", "ckpt_path": "value", "print_config": "bool",
-             "help": "bool", "no_preset": "bool"}
+             "help": "bool", "no_preset": "bool", "overwrite": "bool", "allow_changes": "value"}
 
 
 def _method_help(method: str | None, world: str | None) -> str:
@@ -134,52 +139,72 @@ def cmd_fit(argv: list[str]) -> int:
         return 0
     if opts["ckpt_path"] and not Path(opts["ckpt_path"]).is_file():
         raise UsageError(f"checkpoint file not found: {opts['ckpt_path']}")
-    return _fit(resolved, opts["ckpt_path"])
+    if opts["allow_changes"] and not opts["ckpt_path"]:
+        raise UsageError("--allow_changes only applies when resuming with --ckpt_path")
+    return _fit(resolved, opts["ckpt_path"], overwrite=bool(opts["overwrite"]), allow_changes=opts["allow_changes"])
 
 
-def _fit(resolved: Any, ckpt_path: str | None) -> int:
+def _fit(resolved: Any, ckpt_path: str | None, overwrite: bool = False, allow_changes: str | None = None) -> int:
+    """Validate (config, checkpoint, run directory, world), then lock the run directory, write it and train."""
     import torch
 
     from fewstep_rl.eval.callbacks import RunCallback
-    from fewstep_rl.run import assemble, default_run_dir, write_run_files
+    from fewstep_rl.guards import Interrupted, dumps
+    from fewstep_rl.resume import plan_resume
+    from fewstep_rl.run import assemble, default_run_dir, versions
+    from fewstep_rl.rundir import check_run_dir, is_launched_rank, open_run_dir
 
     tc = resolved.trainer
+    plan = plan_resume(ckpt_path, resolved, allow_changes) if ckpt_path else None
     run_dir = Path(tc.run_dir or os.environ.get("FEWSTEP_RUN_DIR") or default_run_dir(resolved))
-    os.environ["FEWSTEP_RUN_DIR"] = str(run_dir)  # child ranks of the subprocess launcher share the directory
+    rank0 = not is_launched_rank()
+    if rank0:
+        check_run_dir(run_dir, ckpt_path, overwrite, plan.config if plan else None)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    method, dm, trainer = assemble(resolved, run_dir, [])  # builds the world: validates its files
+    lock = None
     if rank0:
-        write_run_files(run_dir, resolved)
-    method, dm, trainer = assemble(resolved, run_dir, [])
+        lock = open_run_dir(run_dir, resolved.to_dict(), versions(), ckpt_path, plan.done if plan else None,
+                            overwrite, plan.changes if plan else None, plan.config if plan else None)
+    os.environ["FEWSTEP_RUN_DIR"] = str(run_dir)  # child ranks of the subprocess launcher share the directory
     cb = next(c for c in trainer.callbacks if isinstance(c, RunCallback))
+    safety = next(c for c in trainer.callbacks if type(c).__name__ == "SafetyCallback")
     from fewstep_rl.backbones.base import BackboneLoadError
 
     try:
         trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     except BackboneLoadError as e:  # raised while building roles in configure_model: one clear line
         raise ConfigError(str(e)) from None
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    except Interrupted as e:
+        if trainer.is_global_zero:
+            hint = f"; resume with --ckpt_path {e.saved} --trainer.run_dir {run_dir}" if e.saved else ""
+            print(f"{e}{hint}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:
+        if safety.phase == "final" and trainer.is_global_zero:
+            print(f"error: the final evaluation failed ({type(e).__name__}: {e}); the trained state is saved in "
+                  f"{safety.last_path} (evaluate it with: fewstep-rl eval --ckpt {safety.last_path})", file=sys.stderr)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}", file=sys.stderr)
-        print(json.dumps({"run_dir": str(run_dir), **cb.final}))
+        print(dumps({"run_dir": str(run_dir), **cb.final}))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------------- load
 def load_checkpoint(path: str, device: str = "cpu") -> Any:
     """Rebuild the method of a checkpoint (config, roles, trainable weights) for sampling or evaluation."""
-    import torch
-
+    from fewstep_rl.ckpt_io import load_checkpoint as load_verified
     from fewstep_rl.run import build_method, resolve
 
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"checkpoint file not found: {path}")
-    try:
-        ckpt = torch.load(p, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    ckpt = load_verified(p, map_location=device)
     state = ckpt.get("fewstep") if isinstance(ckpt, dict) else None
     if not state:
         raise UsageError(f"{path} is not a fewstep-rl checkpoint (no 'fewstep' section)")
@@ -191,7 +216,10 @@ def load_checkpoint(path: str, device: str = "cpu") -> Any:
         method.configure_model()
     except BackboneLoadError as e:
         raise UsageError(str(e)) from None
-    method.on_load_checkpoint(ckpt)
+    try:
+        method.on_load_checkpoint(ckpt)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"checkpoint {path}: {e}") from None
     method.load_state_dict(ckpt["state_dict"], strict=False)
     method.to(device).eval()
     return method
@@ -218,12 +246,12 @@ def _source(opts: dict, over: dict) -> tuple[Any, Any, Any, Any]:
     from fewstep_rl.eval.generate import generate
     from fewstep_rl.sampling import Transition, sigma_grid
 
-    g = torch.Generator().manual_seed(_num(opts, "seed", int, 0))
-    steps = _num(opts, "steps", int)
+    g = torch.Generator().manual_seed(_num(opts, "seed", int, 0, minimum=0))
+    steps = _num(opts, "steps", int, minimum=1)
     if opts.get("teacher"):
         world, backbone, rewards = _teacher(opts, over)
         guidance = _num(opts, "guidance", float, float(world.teacher_guidance))
-        sigmas = sigma_grid(steps or 32, shift=_num(opts, "shift", float, 1.0))
+        sigmas = sigma_grid(steps or 32, shift=_num(opts, "shift", float, 1.0, minimum=1e-12))
         return world, rewards, None, lambda prompts: generate(
             backbone, "teacher", prompts, g, sigmas, Transition("euler"), guidance
         )
@@ -255,17 +283,22 @@ def cmd_sample(argv: list[str]) -> int:
         pf = Path(opts["prompts"])
         if not pf.is_file():
             raise UsageError(f"prompt file not found: {pf}")
-        prompts += [line.strip() for line in pf.read_text().splitlines() if line.strip()]
-    n = _num(opts, "n", int, max(len(prompts), 1))
+        from_file = [line.strip() for line in pf.read_text().splitlines() if line.strip()]
+        if not from_file:
+            raise UsageError(f"prompt file {pf} holds no prompts (give one prompt per line)")
+        prompts += from_file
+    n = _num(opts, "n", int, max(len(prompts), 1), minimum=1)
     if not prompts:
         raise UsageError("give --prompt P (repeatable) or --prompts FILE")
     from fewstep_rl.eval.generate import cycle_prompts
+    from fewstep_rl.guards import check_prompts, dumps
 
     world, _, _, gen = _source(opts, over)
+    check_prompts(world, prompts)
     prompts = cycle_prompts(prompts, n)
     samples = gen(prompts)
     world.save_samples(samples, prompts, Path(opts["out"]))
-    print(json.dumps({"out": opts["out"], "n": n, "shape": list(samples.shape)}))
+    print(dumps({"out": opts["out"], "n": n, "shape": list(samples.shape)}))
     return 0
 
 
@@ -282,7 +315,7 @@ def cmd_eval(argv: list[str]) -> int:
     from fewstep_rl.eval.generate import cycle_prompts
     from fewstep_rl.rewards import MultiReward
 
-    n = _num(opts, "n", int, 1024)
+    n = _num(opts, "n", int, 1024, minimum=1)
     world, rewards, method, gen = _source(opts, over)
     prompts = cycle_prompts(world.eval_prompts, n)
     samples = gen(prompts)
@@ -293,7 +326,9 @@ def cmd_eval(argv: list[str]) -> int:
 
     g = torch.Generator().manual_seed(1 + _num(opts, "seed", int, 0))
     metrics = score_samples(world, rewards, samples, prompts, beta, g)
-    print(json.dumps({"n": n, **metrics}))
+    from fewstep_rl.guards import dumps
+
+    print(dumps({"n": n, **metrics}))
     return 0
 
 
@@ -331,26 +366,27 @@ def cmd_world(argv: list[str]) -> int:
     if opts.get("help"):
         print(cmd_world.__doc__)
         return 0
+    from fewstep_rl.guards import dumps
     from fewstep_rl.worlds.shapes import proxy, teacher
     from fewstep_rl.worlds.shapes.world import ASSETS
 
-    seed = _num(opts, "seed", int, 0)
+    seed = _num(opts, "seed", int, 0, minimum=0)
     out = Path(opts["out"]) if opts.get("out") else ASSETS
     work = Path("runs") / "shapes-build"  # resumable training state; never inside the package
     if not opts.get("skip_proxy"):
-        print(json.dumps({"proxy": proxy.train_proxy(out, seed=seed, steps=_num(opts, "proxy_steps", int, 1600))}))
+        print(dumps({"proxy": proxy.train_proxy(out, seed=seed, steps=_num(opts, "proxy_steps", int, 1600, minimum=1))}))
     if not opts.get("skip_teacher"):
-        res = teacher.train_teacher(work, seed=seed, steps=_num(opts, "teacher_steps", int, 10000),
-                                    max_minutes=_num(opts, "minutes", float))
+        res = teacher.train_teacher(work, seed=seed, steps=_num(opts, "teacher_steps", int, 10000, minimum=1),
+                                    max_minutes=_num(opts, "minutes", float, minimum=0))
         teacher.export(work, out / "teacher")
-        print(json.dumps({"teacher": res}))
-    if not opts.get("skip_proxy") and _num(opts, "calibration_steps", int, 4000) > 0:
+        print(dumps({"teacher": res}))
+    if not opts.get("skip_proxy") and _num(opts, "calibration_steps", int, 4000, minimum=0) > 0:
         from fewstep_rl.worlds.shapes import calibrate
 
         tdir = out / "teacher" if (out / "teacher" / "transformer").is_dir() else None  # None: the shipped one
         res = calibrate.calibrate_and_save(out, tdir, seed=seed,
                                            steps=_num(opts, "calibration_steps", int, 4000))
-        print(json.dumps({"proxy_calibration": res}))
+        print(dumps({"proxy_calibration": res}))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -138,6 +139,17 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def check_value(key: str, value: Any, where: str) -> None:
+    """Value checks every config shares: no NaN anywhere; a learning rate (``lr``, ``lr_<role>``) is finite and > 0."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"'{where}': NaN is not a valid value; give a number")
+    if isinstance(value, (list, tuple)) and any(isinstance(v, float) and math.isnan(v) for v in value):
+        raise ConfigError(f"'{where}': NaN is not a valid value; give numbers")
+    is_lr = (key == "lr" or key.startswith("lr_")) and isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_lr and not (0 < value < math.inf):
+        raise ConfigError(f"'{where}': a learning rate must be a finite number > 0, got {value}")
+
+
 def build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
     data = dict(data or {})
@@ -146,6 +158,8 @@ def build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
         if key not in types_:
             raise ConfigError(unknown_key_message(where, key, list(types_)))
     kwargs = {k: coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+    for k, v in kwargs.items():
+        check_value(k, v, f"{where}.{k}")
     missing = [
         f.name
         for f in dataclasses.fields(cls)

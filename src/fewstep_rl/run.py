@@ -47,13 +47,29 @@ class TrainerConfig:
     log_every: int = knob(10, "log training metrics every N iterations")
     eval_every: int = knob(0, "evaluate every N iterations (0: only at the end)")
     eval_samples: int = knob(1024, "samples per evaluation")
-    ckpt_every: int = knob(0, "write a checkpoint every N iterations (0: only last.ckpt)")
+    ckpt_every: int = knob(0, "also keep a checkpoint iter=N.ckpt every N iterations (0: only last.ckpt)")
+    ckpt_last_every: int = knob(100, "refresh checkpoints/last.ckpt every N iterations (0: off; always at the end)")
+    ckpt_last_minutes: float = knob(10.0, "refresh checkpoints/last.ckpt at least every M minutes (0: off)")
+    nonfinite_limit: int = knob(3, "abort after N iterations in a row with a non-finite loss or gradient (0: never)")
     num_threads: int | None = knob(None, "torch intra-op threads (default: torch's choice; DDP uses 1 per rank)")
     progress_bar: bool = knob(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.devices < 1:
-            raise ValueError("max_steps and devices must be >= 1")
+        check_trainer_config(self)
+
+
+def check_trainer_config(tc: TrainerConfig) -> None:
+    """Range checks of the trainer section (ValueError naming the key and what is allowed)."""
+    for key in ("max_steps", "devices", "log_every", "eval_samples"):
+        if getattr(tc, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(tc, key)}")
+    for key in ("eval_every", "ckpt_every", "ckpt_last_every", "nonfinite_limit"):
+        if getattr(tc, key) < 0:
+            raise ValueError(f"{key} must be >= 0 (0: off), got {getattr(tc, key)}")
+    if not (tc.ckpt_last_minutes >= 0 and tc.ckpt_last_minutes < float("inf")):
+        raise ValueError(f"ckpt_last_minutes must be a finite number >= 0 (0: off), got {tc.ckpt_last_minutes}")
+    if tc.num_threads is not None and tc.num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {tc.num_threads}")
 
 
 @dataclass
@@ -267,15 +283,30 @@ def versions() -> dict[str, str]:
 
 
 def write_run_files(run_dir: Path, resolved: Resolved) -> None:
+    from fewstep_rl.ckpt_io import atomic_write_text
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
-    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+    atomic_write_text(run_dir / "versions.json", json.dumps(versions(), indent=2))
 
 
-def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list) -> Any:
+def reliability_parts(tc: TrainerConfig, run_dir: Path, resumed: bool = False) -> tuple[list, Any, list]:
+    """(callbacks, logger, plugins) that make a run crash-safe: scheduled ``last.ckpt`` + signal handling + the
+    non-finite guard (:mod:`fewstep_rl.guards`), a CSV logger that appends on resume (:mod:`fewstep_rl.rundir`),
+    atomic hashed checkpoint files (:mod:`fewstep_rl.ckpt_io`; FSDP2 keeps its sharded writer)."""
+    from fewstep_rl.ckpt_io import SafeCheckpointIO
+    from fewstep_rl.guards import SafetyCallback
+    from fewstep_rl.rundir import csv_logger
+
+    safety = SafetyCallback(run_dir, tc.max_steps, tc.ckpt_last_every, tc.ckpt_last_minutes, tc.nonfinite_limit,
+                            guard_grads=not str(tc.precision).startswith("16"), resumed=resumed)
+    plugins = [] if tc.strategy == "fsdp2" else [SafeCheckpointIO()]
+    return [safety], csv_logger(run_dir), plugins
+
+
+def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list, safety: bool = True) -> Any:
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
 
     if tc.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -287,12 +318,13 @@ def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list) -> Any:
         strategy = ModelParallelStrategy(data_parallel_size=tc.devices, tensor_parallel_size=1)
     else:
         strategy = "auto"
-    callbacks = [StopAt(tc.max_steps), *callbacks]
+    safe_callbacks, logger, plugins = reliability_parts(tc, run_dir)
+    callbacks = [StopAt(tc.max_steps), *(safe_callbacks if safety else []), *callbacks]
     if tc.progress_bar:
         callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, tc.log_every))]
     return L.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, strategy=strategy, precision=tc.precision,
-        max_epochs=-1, max_steps=-1, logger=CSVLogger(str(run_dir), name="", version=""),
+        max_epochs=-1, max_steps=-1, logger=logger, plugins=plugins,
         callbacks=callbacks, enable_progress_bar=tc.progress_bar, log_every_n_steps=tc.log_every,
         default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
         enable_checkpointing=False,
@@ -311,7 +343,7 @@ def assemble(resolved: Resolved, run_dir: Path, callbacks: list, run_callback: b
     if run_callback:
         callbacks = [RunCallback(Path(run_dir), tc.eval_every, tc.eval_samples, tc.ckpt_every, tc.seed, tc.max_steps),
                      *callbacks]
-    return method, dm, build_trainer(tc, Path(run_dir), callbacks)
+    return method, dm, build_trainer(tc, Path(run_dir), callbacks, safety=run_callback)
 
 
 def _stop_at_cls() -> type:
