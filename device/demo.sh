@@ -25,7 +25,7 @@ pair() {  # name, iterations...
   [ ${#ck[@]} -gt 0 ] || { echo "pair $n: no checkpoints" | tee -a "$S"; return; }
   timeout $(( $(left) - 10 )) python3 docs/results/paired_gold.py "${ck[@]}" --teacher --n $N --device "$DEVICE" \
     > "$W/$n.pair.log" 2>&1
-  echo "== $n (rc=$?)" >> "$S"; grep '^{' "$W/$n.pair.log" | sed "s#$W/##" >> "$S"
+  echo "== $n (rc=$?)" >> "$S"; grep '^{' "$W/$n.pair.log" | sed "s#$W/##g" >> "$S"
 }
 run_round() {  # "name|args" ...
   local specs=("$@") i=0
