@@ -3,7 +3,8 @@
 #   OUT=<dir> NCORES=<n> DEVICE=cuda bash device/demo.sh        (QUICK=1: a few iterations, for a CPU smoke test)
 # Round 1: configs/demo.yaml at seeds 1..NCORES (checkpoints every 100), each checkpoint 400/500/600 paired-evaluated
 # against the teacher's 4-step Euler + CFG chain on 2048 samples (docs/results/paired_gold.py --device).
-# Round 2 (if time is left): neighbours of the preset (beta, lr) at two seeds, final checkpoint only.
+# Round 2 (if time is left): the render-only proxy (no gold labels in the training reward) at two seeds, and
+# neighbours of the preset (beta 0.002, lr 5e-4), final checkpoint only.
 # Writes $OUT/demo/summary.txt and $OUT/demo/logs.tar.gz; fails soft (each part independent).
 set -u
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -39,8 +40,9 @@ run_round "${R1[@]}"
 for s in $(seq 1 "$NCORES"); do pair "seed$s" $EV & [ $((s % NCORES)) = 0 ] && wait; done; wait
 echo "round 1 done t=$(( $(date +%s) - T0 ))s, left $(left)s" | tee -a "$S"
 if [ "$(left)" -gt 200 ]; then
-  R2=("b2s1|--method.beta 0.002 --trainer.seed 1" "b2s2|--method.beta 0.002 --trainer.seed 2"
-      "lr5s1|--method.lr 5e-4 --trainer.seed 1" "lr5s2|--method.lr 5e-4 --trainer.seed 2")
+  R2=("renders_s1|--config configs/shapes/proxy_renders.yaml --trainer.seed 1"
+      "renders_s2|--config configs/shapes/proxy_renders.yaml --trainer.seed 2"
+      "b2s1|--method.beta 0.002 --trainer.seed 1" "lr5s1|--method.lr 5e-4 --trainer.seed 1")
   run_round "${R2[@]:0:$NCORES}"
   for spec in "${R2[@]:0:$NCORES}"; do pair "${spec%%|*}" $IT & done; wait
 fi
