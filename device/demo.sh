@@ -32,7 +32,8 @@ pair() {  # name, checkpoint files...
   timeout $(( $(left) - 5 )) python3 docs/results/paired_gold.py "$@" --teacher --n $N --device "$DEVICE" \
     > "$W/$n.pair.log" 2>&1
   local rc=$?
-  { echo "== $n (rc=$rc)"; grep '^{' "$W/$n.pair.log" | sed "s#$W/##g"; } >> "$S"
+  { echo "== $n (rc=$rc)"; grep '^{' "$W/$n.pair.log" | sed "s#$W/##g"; } > "$W/$n.sum"
+  cat "$W/$n.sum" >> "$S"  # one write: lanes append concurrently
 }
 cks() {  # name, iterations... -> existing checkpoint paths
   local n=$1; shift
