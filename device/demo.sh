@@ -20,7 +20,7 @@ say() { echo "$*" | tee -a "$S"; }
 fit() {  # name, accelerator, timeout, extra args...
   local n=$1 acc=$2 lim=$3; shift 3
   [ "$lim" -gt 20 ] || { say "fit $n skipped (no time left)"; return 1; }
-  timeout "$lim" fewstep-rl fit --config configs/demo.yaml --trainer.accelerator "$acc" \
+  timeout -k 15 "$lim" fewstep-rl fit --config configs/demo.yaml --trainer.accelerator "$acc" \
     --trainer.max_steps $IT --trainer.ckpt_every $CK --trainer.progress_bar false --trainer.num_threads 1 \
     --trainer.run_dir "$W/$n" "$@" > "$W/$n.fit.log" 2>&1
   local rc=$?
