@@ -29,7 +29,9 @@ fit() {  # name, accelerator, timeout, extra args...
 pair() {  # name, checkpoint files...
   local n=$1; shift
   [ $# -gt 0 ] || { say "pair $n: no checkpoints"; return; }
-  timeout $(( $(left) - 5 )) python3 docs/results/paired_gold.py "$@" --teacher --n $N --device "$DEVICE" \
+  local lim=$(( $(left) - 5 ))
+  [ "$lim" -gt 10 ] || { say "pair $n skipped (no time left)"; return; }
+  timeout -k 5 "$lim" python3 docs/results/paired_gold.py "$@" --teacher --n $N --device "$DEVICE" \
     > "$W/$n.pair.log" 2>&1
   local rc=$?
   { echo "== $n (rc=$rc)"; grep '^{' "$W/$n.pair.log" | sed "s#$W/##g"; } > "$W/$n.sum"
