@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 ifndef DEMO_DIR
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
-demo: install ## the default run: DI* on shapes (configs/demo.yaml, ~12 min on 2 cores), then gold vs. the teacher
+demo: install ## the default run: DI* on shapes (configs/demo.yaml, est. ~10 min on 2 cores), then gold vs. the teacher
 	$(VENV)/bin/fewstep-rl fit --config configs/demo.yaml --trainer.num_threads 1 --trainer.run_dir $(DEMO_DIR)
 	$(PY) docs/results/paired_gold.py $(DEMO_DIR)/checkpoints/last.ckpt --teacher --n 2048 --labels "demo (DI*, 4-step)"
 
