@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-demo: install ## train the default method on the default world (DMD2 on shapes, < 15 min on 2 cores)
-	$(VENV)/bin/fewstep-rl fit --method dmd2
+# The default run: DI* on shapes trained on the calibrated proxy (configs/demo.yaml), then its gold against the
+# teacher's own 4-step Euler + CFG chain on 2048 paired samples (same prompts, same noise).
+ifndef DEMO_DIR
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
+demo: install ## the default run: DI* on shapes (configs/demo.yaml, est. ~10 min on 2 cores), then gold vs. the teacher
+	$(VENV)/bin/fewstep-rl fit --config configs/demo.yaml --trainer.num_threads 1 --trainer.run_dir $(DEMO_DIR)
+	$(PY) docs/results/paired_gold.py $(DEMO_DIR)/checkpoints/last.ckpt --teacher --n 2048 --labels "demo (DI*, 4-step)"
 
 test: install ## run the test suite (slow tests excluded)
 	$(PY) -m pytest -q

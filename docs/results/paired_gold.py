@@ -1,6 +1,6 @@
 """Paired gold comparison of shapes checkpoints: same prompts, same sampling noise, per-sample differences.
 
-    python docs/results/paired_gold.py A.ckpt B.ckpt [C.ckpt ...] --n 2048 [--labels a b c] [--seed 0]
+    python docs/results/paired_gold.py A.ckpt B.ckpt [C.ckpt ...] --n 2048 [--labels a b c] [--seed 0] [--device cuda]
 
 Every checkpoint generates ``n`` samples for the world's evaluation prompts (cycled) from one seed, so sample i
 starts from the same noise (and, for stochastic chains, draws the same step noise) under every checkpoint. The gold
@@ -22,7 +22,7 @@ import torch
 def gold_scores(samples: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     from fewstep_rl.rewards.shapes import GoldReward
 
-    return GoldReward()(samples, prompts).double()
+    return GoldReward()(samples.cpu(), prompts).double()
 
 
 def main() -> None:
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher", action="store_true", help="add the teacher's 4-step Euler + CFG chain first")
+    ap.add_argument("--device", default="cpu", help="where the samples are generated (the noise is drawn on the CPU)")
     args = ap.parse_args()
     from fewstep_rl.cli import load_checkpoint
     from fewstep_rl.eval.generate import cycle_prompts, generate
@@ -50,12 +51,12 @@ def main() -> None:
             from fewstep_rl.worlds.shapes.world import ShapesWorld
 
             world = ShapesWorld()
-            bb = world.build_backbone().eval()
+            bb = world.build_backbone().to(args.device).eval()
             prompts = cycle_prompts(world.eval_prompts, args.n)
             with torch.no_grad():
                 x = generate(bb, "teacher", prompts, g, sigma_grid(4), Transition("euler"), world.teacher_guidance)
         else:
-            method = load_checkpoint(name)
+            method = load_checkpoint(name, args.device)
             prompts = cycle_prompts(method.world.eval_prompts, args.n)
             with torch.no_grad():
                 x = method.generate(prompts, g)
