@@ -7,6 +7,8 @@
     fewstep-rl sample (--ckpt C | --teacher [--world NAME]) --n N (--prompt P ... | --prompts FILE) [--steps S]
                    [--guidance G] [--seed S] --out F
     fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
+    fewstep-rl eval --paired CKPT ... [--teacher] [--labels a,b] [--n N] [--rewards a,b] [--nfe] [--seed S]
+    fewstep-rl compare CONFIG.yaml [--jobs N] [--out DIR] [--print_config]
     fewstep-rl list methods|rewards|worlds
     fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--calibration_steps N] [--minutes M] [--out DIR]
 
@@ -272,6 +274,10 @@ EVAL_FLAGS = {**{k: v for k, v in SAMPLE_FLAGS.items() if k not in ("out", "prom
 
 
 def cmd_eval(argv: list[str]) -> int:
+    if "--paired" in argv:
+        from fewstep_rl.eval.paired_cli import cmd_paired
+
+        return cmd_paired(argv)
     opts, over = _parse(argv, EVAL_FLAGS)
     if opts.get("help"):
         print(f"usage:{USAGE}")
@@ -352,7 +358,14 @@ def cmd_world(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world}
+def cmd_compare(argv: list[str]) -> int:
+    from fewstep_rl.compare.runner import cmd_compare as run_compare
+
+    return run_compare(argv)
+
+
+COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
