@@ -67,12 +67,12 @@ def _parse(argv: list[str], flags: dict[str, str]) -> tuple[dict[str, Any], dict
                 opts[key].append(val)
             else:
                 opts[key] = val
-        elif "." in key or key == "rewards":  # dotted override, or the whole rewards list
+        elif "." in key or key in ("rewards", "judges"):  # dotted override, or a whole rewards/judges list
             try:
                 over[key] = yaml.safe_load(val) if val != "" else ""
             except yaml.YAMLError:
                 over[key] = val
-            if key == "rewards" and isinstance(over[key], str):  # --rewards gold,proxy: names with their defaults
+            if key in ("rewards", "judges") and isinstance(over[key], str):  # --rewards gold,proxy: default configs
                 over[key] = [{"name": n.strip()} for n in over[key].split(",") if n.strip()]
         else:
             from fewstep_rl.config import closest
