@@ -88,6 +88,7 @@ def test_budget_callback_stops_on_samples_and_seconds(tmp_path, monkeypatch):
     assert cb.state_dict() == {"seconds": 15.0, "samples": 96, "iterations": 3}
 
 
+@pytest.mark.slow  # three worker processes and two compare processes: ~1 min on an idle 2-core machine
 def test_compare_killed_mid_way_resumes(tmp_path):
     """Run A finishes, B is killed after a resume checkpoint; the second run skips A and resumes B from it."""
     cfg = tmp_path / "c.yaml"
