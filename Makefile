@@ -4,11 +4,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The CPU build of torch 2.13.0 installs fast; on a CUDA machine use e.g. `make install TORCH=torch==2.14.1`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,diffusers
+EXTRAS ?= dev,diffusers,logging
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench smoke-cuda clean
+.PHONY: help install demo test test-slow lint bench smoke-cuda compare-toy2d compare-shapes clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,12 @@ smoke-cuda: install ## every method, 4 bf16-mixed iterations on the default worl
 	    --trainer.max_steps 4 --trainer.eval_every 2 --trainer.eval_samples 16 --trainer.progress_bar false \
 	    --trainer.run_dir runs/smoke-cuda/$$m > runs/smoke-cuda/$$m.log 2>&1 && echo "$$m: ok" \
 	    || { echo "$$m: FAILED (runs/smoke-cuda/$$m.log)"; exit 1; }; done
+
+compare-toy2d: install ## every reward-driven method side by side on toy2d (report in runs/compare-toy2d, < 10 min)
+	$(VENV)/bin/fewstep-rl compare configs/compare/toy2d.yaml --jobs 2
+
+compare-shapes: install ## seven methods on shapes, proxy reward, gold judge, equal wall budget (< 90 min on 2 cores)
+	$(VENV)/bin/fewstep-rl compare configs/compare/shapes.yaml --jobs 2
 
 clean: ## remove the virtualenv and run outputs
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,7 +6,6 @@ A missing browser fails the test with a message saying how to install it; it nev
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

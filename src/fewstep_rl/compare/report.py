@@ -62,8 +62,9 @@ def side_by_side(specs: list, width: int = 14) -> str:
 
     head = "  " + "key".ljust(kw) + "".join(cut(lab).ljust(width + 1) for lab in labels)
     lines = ["per-method resolved configs (≠ differs between methods; ᵖ preset, ᵒ method override, ʳ runner)", head]
-    lines += ["≠ " + r[0].ljust(kw) + "".join(cut(c).ljust(width + 1) for c in r[1:])
-              for r, d in zip(rows, differs) if d]
+    order = [r for r, d in zip(rows, differs) if d and "—" not in r[1:]]  # keys every method has first
+    order += [r for r, d in zip(rows, differs) if d and "—" in r[1:]]
+    lines += ["≠ " + r[0].ljust(kw) + "".join(cut(c).ljust(width + 1) for c in r[1:]) for r in order]
     same = [r for r, d in zip(rows, differs) if not d]
     if same:
         lines.append(f"  shared by every method ({len(same)} keys): " + ", ".join(f"{r[0]}={r[1]}" for r in same))
@@ -175,11 +176,29 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+FIRST = ("label", "method", "status", "seed")
+LATER = ("iterations", "train_seconds", "train_samples", "step_time_ms", "peak_memory_mb")
+
+
 def table_columns(rows: list[dict]) -> list[str]:
+    """Identity, then judges and gains, training rewards, teacher distance and monitor columns, then cost, then the
+    world's own metrics."""
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    return cols
+
+    def rank(c: str) -> tuple[int, int]:
+        base = c[:-3] if c.endswith(" se") else c
+        if base in FIRST:
+            return 0, FIRST.index(base)
+        if base.startswith("world/"):
+            return 4, 0
+        if base in LATER:
+            return 3, LATER.index(base)
+        order = ("judge/", "judge_gain", "train/", "train_gain", "teacher_distance", "alarm", "max_divergence", "best_")
+        return 1, next((i for i, o in enumerate(order) if base.startswith(o)), len(order))
+
+    return sorted(cols, key=lambda c: rank(c))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -264,6 +283,14 @@ def curve_plots(specs: list, out: Path) -> dict[str, str]:
     return figs
 
 
+def _symlog_if_spread(ax: Any, vals: list[float], axis: str) -> None:
+    """A symmetric-log axis when one value dwarfs the rest (a diverged run must not flatten the others)."""
+    mags = sorted(abs(v) for v in vals if v is not None)
+    if len(mags) >= 3 and mags[-1] > 10 * max(mags[len(mags) // 2], 1e-12):
+        lin = max(mags[len(mags) // 2], 1e-3)
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("symlog", linthresh=lin)
+
+
 def frontier_plots(rows: list[dict]) -> dict[str, str]:
     """Judge vs training-reward gain; training reward (and judge) vs divergence from the teacher."""
     plt = _plt()
@@ -279,6 +306,7 @@ def frontier_plots(rows: list[dict]) -> dict[str, str]:
             yy = 0.0 if y is None else y
             ax.scatter([x], [yy])
             ax.annotate(lab, (x, yy), fontsize=7)
+        _symlog_if_spread(ax, [x for x, _, _ in pts], "x")
         ax.set_xlabel("training-reward gain over the teacher (paired)", fontsize=8)
         ax.set_ylabel("judge gain over the teacher (paired)", fontsize=8)
         ax.legend(fontsize=7)
@@ -292,6 +320,8 @@ def frontier_plots(rows: list[dict]) -> dict[str, str]:
         for x, y, lab in pts2:
             ax.scatter([x], [y], marker="*" if lab == "teacher" else "o", s=100 if lab == "teacher" else 30)
             ax.annotate(lab, (x, y), fontsize=7)
+        _symlog_if_spread(ax, [x for x, _, _ in pts2], "x")
+        _symlog_if_spread(ax, [y for _, y, _ in pts2], "y")
         ax.set_xlabel("divergence from the teacher", fontsize=8)
         ax.set_ylabel(key, fontsize=8)
         fig.tight_layout()
@@ -337,12 +367,20 @@ def sample_grids(cfg: Any, specs: list, out: Path, teacher: dict | None) -> dict
                 ax.scatter(pts[:, 0], pts[:, 1] if pts.shape[1] > 1 else pts[:, 0] * 0, s=2, alpha=0.5)
                 ax.tick_params(labelsize=6)
             ax.set_title(lab, fontsize=8)
-        if first["samples"].dim() != 4:
-            xs = [ax.get_xlim() for ax in axes[0]]
-            ys = [ax.get_ylim() for ax in axes[0]]
-            for ax in axes[0]:
-                ax.set_xlim(min(a for a, _ in xs), max(b for _, b in xs))
-                ax.set_ylim(min(a for a, _ in ys), max(b for _, b in ys))
+        if first["samples"].dim() != 4:  # one frame for every panel: the first source's range, widened 2x
+            ref = first["samples"][[i for i, q in enumerate(first["prompts"]) if q == p]].flatten(1)
+            lo, hi = ref.min(0).values, ref.max(0).values
+            mid, half = (lo + hi) / 2, (hi - lo).clamp(min=1e-3)
+            for ax, (lab, src) in zip(axes[0], sources.items()):
+                x = src["samples"][[i for i, q in enumerate(src["prompts"]) if q == p]].flatten(1)
+                ax.set_xlim(float(mid[0] - half[0]), float(mid[0] + half[0]))
+                if x.shape[1] > 1:
+                    ax.set_ylim(float(mid[1] - half[1]), float(mid[1] + half[1]))
+                    outside = int(((x[:, :2] - mid[:2]).abs() > half[:2]).any(1).sum())
+                else:
+                    outside = int(((x[:, 0] - mid[0]).abs() > half[0]).sum())
+                if outside:
+                    ax.set_title(f"{lab}\n({outside}/{len(x)} outside)", fontsize=7)
         fig.suptitle(f"prompt: {p!r}" if p else "prompt: '' (unconditional)", fontsize=9)
         fig.tight_layout()
         figs[f"samples — {p!r}"] = _png(fig)
@@ -401,26 +439,31 @@ def _html_table(rows: list[dict], row_attr: bool = True) -> str:
 
 
 def _config_html(specs: list) -> str:
+    """Keys every method has that differ (the comparable knobs), then — folded — keys only some methods have."""
     labels, rows, differs = config_table(specs)
     head = "<tr><th>key</th>" + "".join(f"<th>{html.escape(lab)}</th>" for lab in labels) + "</tr>"
-    body = []
-    for r, d in zip(rows, differs):
-        if d:
-            body.append("<tr class='differs'><td>≠ " + html.escape(r[0]) + "</td>"
-                        + "".join(f"<td>{html.escape(c)}</td>" for c in r[1:]) + "</tr>")
+
+    def tr(r: list[str]) -> str:
+        return ("<tr class='differs'><td>≠ " + html.escape(r[0]) + "</td>"
+                + "".join(f"<td>{html.escape(c)}</td>" for c in r[1:]) + "</tr>")
+
+    common = [tr(r) for r, d in zip(rows, differs) if d and "—" not in r[1:]]
+    own = [tr(r) for r, d in zip(rows, differs) if d and "—" in r[1:]]
     shared = ", ".join(f"{r[0]}={r[1]}" for r, d in zip(rows, differs) if not d)
     return (f"<p>≠: differs between methods; ᵖ from the method's preset, ᵒ the entry's override, ʳ set by the "
-            f"runner.</p><table class='config'>{head}{''.join(body)}</table>"
+            f"runner; — the method has no such key.</p><table class='config'>{head}{''.join(common)}</table>"
+            f"<details><summary>keys only some methods have ({len(own)})</summary><table class='config'>{head}"
+            f"{''.join(own)}</table></details>"
             f"<details><summary>shared by every method</summary><p class='shared'>{html.escape(shared)}</p></details>")
 
 
 def render_html(title: str, rows: list[dict], specs: list, figs: dict[str, dict[str, str]], notes: str) -> str:
     css = ("body{font-family:sans-serif;margin:20px;max-width:1500px} table{border-collapse:collapse;font-size:12px}"
            "td,th{border:1px solid #ccc;padding:2px 6px} tr.differs td{background:#fff4d6}"
-           "img{max-width:100%;display:block;margin:6px 0} .shared{font-size:11px;color:#555}")
+           "img{max-width:100%;display:block;margin:6px 0} .shared{font-size:11px;color:#555} .scroll{overflow-x:auto}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{css}</style></head><body>", f"<h1>{html.escape(title)}</h1>", f"<p>{notes}</p>",
-             "<h2>Results</h2>", _html_table(rows), "<h2>Config differences</h2>", _config_html(specs)]
+             "<h2>Results</h2>", "<div class='scroll'>", _html_table(rows), "</div>", "<h2>Config differences</h2>", _config_html(specs)]
     for section, items in figs.items():
         parts.append(f"<h2>{html.escape(section)}</h2>")
         for cap, b64 in items.items():
