@@ -20,6 +20,13 @@ Layers of one method's run config, later wins: the method's preset for the world
 parts (``world``, ``rewards``, ``judges``, ``monitor``, ``trainer``, ``beta``) ← the entry's own ``method``/``trainer``
 overrides ← what the compare runner sets (run directory, seed, iteration cap, thread count). Every layer is
 recorded (:func:`value_sources`) so the side-by-side table can mark which values came from a preset and differ.
+
+Budgets: ``iterations`` sets ``trainer.max_steps``; ``seconds`` counts training-step wall time only (evaluations,
+checkpoints and start-up excluded; on a shared machine the same budget buys fewer iterations); ``samples`` counts
+``batch_size × group_size × world size`` per iteration (the method's batch spec — RTDMD's stage 1 with
+``stage1_one_per_group`` or several epochs per batch are counted by that spec, not by every forward pass). With a
+``seconds`` or ``samples`` budget ``trainer.max_steps`` is ``budget.max_iterations``, which is also the length of a
+cosine learning-rate schedule (it does not reach 0 when the budget ends first).
 """
 
 from __future__ import annotations
