@@ -181,14 +181,21 @@ def progress_bar(total: int, refresh_rate: int) -> L.Callback:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     class IterationBar(TQDMProgressBar):
+        def init_train_tqdm(self) -> Any:
+            import sys
+
+            from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+            return Tqdm(desc="train", total=total, position=2 * self.process_position, disable=self.is_disabled,
+                        leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
         def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-            super().on_train_epoch_start(trainer)
-            module = trainer.lightning_module
-            start = int(getattr(module, "stream_pos", 0))
-            self.train_progress_bar.reset(total=total)
-            self.train_progress_bar.initial = start
-            self.train_progress_bar.n = start
-            self.train_progress_bar.set_description("train")
+            # not Lightning's (an "Epoch N" bar of an unknown total): the prompt stream is one endless epoch
+            start = int(getattr(trainer.lightning_module, "stream_pos", 0))
+            bar = self.train_progress_bar
+            bar.reset(total=total)
+            bar.initial = bar.n = start
+            bar.refresh()
 
         def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             bar = self.train_progress_bar
