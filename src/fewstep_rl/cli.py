@@ -99,6 +99,7 @@ FIT_FLAGS = {"method": "value", "world": "value", "config": "list", "ckpt_path":
 
 
 def _method_help(method: str | None, world: str | None) -> str:
+    from fewstep_rl.eval.monitor import MonitorConfig
     from fewstep_rl.run import DEFAULT_WORLD, TrainerConfig, preset_path
 
     if method is None:
@@ -117,7 +118,9 @@ def _method_help(method: str | None, world: str | None) -> str:
               f"world options ({world}):", *help_lines(wcls.Config, "world"), "",
               "trainer options:", *help_lines(TrainerConfig, "trainer"), "",
               "rewards: a list, e.g. --rewards '[{name: linear, w: [1.0, 0.0]}]'; "
-              f"installed: {', '.join(registry.names('rewards'))}"]
+              f"installed: {', '.join(registry.names('rewards'))}",
+              "judges: rewards the method never sees, for the reward-hacking monitor, e.g. --judges gold", "",
+              "monitor options (active with judges):", *help_lines(MonitorConfig, "monitor")]
     return "\n".join(lines)
 
 
