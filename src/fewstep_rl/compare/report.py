@@ -261,7 +261,7 @@ def curve_plots(specs: list, out: Path) -> dict[str, str]:
             ax.set_title(k, fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
             ax.tick_params(labelsize=7)
-        axes[0][0].legend(fontsize=7)
+        axes[0][0].legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         figs["monitor curves (pinned noise; judge never seen by training)"] = _png(fig)
     evals = {s.label: _jsonl(out / s.label / "eval.jsonl") for s in specs}
@@ -277,7 +277,7 @@ def curve_plots(specs: list, out: Path) -> dict[str, str]:
             ax.set_title(k, fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
             ax.tick_params(labelsize=7)
-        axes[0][0].legend(fontsize=7)
+        axes[0][0].legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         figs["evaluation curves (world metrics)"] = _png(fig)
     return figs
@@ -309,7 +309,7 @@ def frontier_plots(rows: list[dict]) -> dict[str, str]:
         _symlog_if_spread(ax, [x for x, _, _ in pts], "x")
         ax.set_xlabel("training-reward gain over the teacher (paired)", fontsize=8)
         ax.set_ylabel("judge gain over the teacher (paired)", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
         figs["frontier: judge vs training-reward gain"] = _png(fig)
     key = next((k for k in (rows[0] if rows else {}) if k.startswith("train/") and not k.endswith(" se")), None)
