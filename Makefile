@@ -4,11 +4,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The CPU build of torch 2.13.0 installs fast; on a CUDA machine use e.g. `make install TORCH=torch==2.14.1`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,diffusers
+EXTRAS ?= dev,diffusers,logging
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults
+.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults compare-toy2d compare-shapes
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,7 +28,8 @@ DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 demo: install ## the default run: DI* on shapes (configs/demo.yaml, est. ~10 min on 2 cores), then gold vs. the teacher
 	$(VENV)/bin/fewstep-rl fit --config configs/demo.yaml --trainer.num_threads 1 --trainer.run_dir $(DEMO_DIR)
-	$(PY) docs/results/paired_gold.py $(DEMO_DIR)/checkpoints/last.ckpt --teacher --n 2048 --labels "demo (DI*, 4-step)"
+	$(VENV)/bin/fewstep-rl eval --paired $(DEMO_DIR)/checkpoints/last.ckpt --teacher --rewards gold --n 2048 \
+	  --labels "teacher 4-step Euler + CFG,demo DI* 4-step"
 
 test: install ## run the test suite (slow tests excluded)
 	$(PY) -m pytest -q
@@ -61,6 +62,12 @@ smoke-cuda: install ## every method, 4 bf16-mixed iterations on the default worl
 	    --trainer.max_steps 4 --trainer.eval_every 2 --trainer.eval_samples 16 --trainer.progress_bar false \
 	    --trainer.run_dir runs/smoke-cuda/$$m > runs/smoke-cuda/$$m.log 2>&1 && echo "$$m: ok" \
 	    || { echo "$$m: FAILED (runs/smoke-cuda/$$m.log)"; exit 1; }; done
+
+compare-toy2d: install ## every reward-driven method side by side on toy2d (report in runs/compare-toy2d, < 10 min)
+	$(VENV)/bin/fewstep-rl compare configs/compare/toy2d.yaml --jobs 2
+
+compare-shapes: install ## seven methods on shapes, proxy reward, gold judge, equal wall budget (< 90 min on 2 cores)
+	$(VENV)/bin/fewstep-rl compare configs/compare/shapes.yaml --jobs 2
 
 clean: ## remove the virtualenv and run outputs
 	rm -rf $(VENV) runs .pytest_cache

@@ -34,7 +34,7 @@ def test_make_demo_fits_the_demo_config_then_prints_the_paired_comparison():
     lines = p.stdout.splitlines()
     fit = [i for i, ln in enumerate(lines) if "fewstep-rl fit --config configs/demo.yaml" in ln]
     pair = [i for i, ln in enumerate(lines)
-            if "docs/results/paired_gold.py runs/x/checkpoints/last.ckpt --teacher --n 2048" in ln]
+            if "fewstep-rl eval --paired runs/x/checkpoints/last.ckpt --teacher --rewards gold --n 2048" in ln]
     assert len(fit) == 1 and len(pair) == 1 and fit[0] < pair[0], p.stdout
     assert "--trainer.run_dir runs/x" in lines[fit[0]]
 
@@ -48,9 +48,9 @@ def test_demo_config_runs_two_iterations_and_compares_to_the_teacher(tmp_path):
     final = json.loads((run / "final_metrics.json").read_text())
     assert 0.0 <= final["gold"] <= 1.0 and "reward/proxy" in final
     ck = run / "checkpoints" / "last.ckpt"
-    q = _run(sys.executable, "docs/results/paired_gold.py", str(ck), "--teacher", "--n", "8", "--labels", "demo")
+    q = _run(str(BIN / "fewstep-rl"), "eval", "--paired", str(ck), "--teacher", "--rewards", "gold", "--n", "8",
+             "--labels", "teacher 4-step,demo")
     assert q.returncode == 0, q.stderr[-2000:]
-    rows = [json.loads(ln) for ln in q.stdout.splitlines() if ln.startswith("{")]
+    rows = json.loads(q.stdout.strip().splitlines()[-1])["rows"]
     assert [r["label"] for r in rows] == ["teacher 4-step", "demo"]
-    diff = float(rows[1]["minus teacher 4-step"].split()[0])
-    assert abs(diff - (rows[1]["gold"] - rows[0]["gold"])) < 1e-3  # paired difference of the two means
+    assert abs(rows[1]["diff_ref"] - (rows[1]["mean"] - rows[0]["mean"])) < 1e-9  # paired difference of the means

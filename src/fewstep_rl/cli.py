@@ -7,6 +7,8 @@
     fewstep-rl sample (--ckpt C | --teacher [--world NAME]) --n N (--prompt P ... | --prompts FILE) [--steps S]
                    [--guidance G] [--seed S] --out F
     fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
+    fewstep-rl eval --paired CKPT ... [--teacher] [--labels a,b] [--n N] [--rewards a,b] [--nfe] [--seed S]
+    fewstep-rl compare CONFIG.yaml [--jobs N] [--out DIR] [--print_config]
     fewstep-rl list methods|rewards|worlds
     fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--calibration_steps N] [--minutes M] [--out DIR]
     fewstep-rl validate --method M [--worlds N] [--seed S] [--family all|2d|8d] [--reward auto|mixed|linear|region]
@@ -67,12 +69,12 @@ def _parse(argv: list[str], flags: dict[str, str]) -> tuple[dict[str, Any], dict
                 opts[key].append(val)
             else:
                 opts[key] = val
-        elif "." in key or key == "rewards":  # dotted override, or the whole rewards list
+        elif "." in key or key in ("rewards", "judges"):  # dotted override, or a whole rewards/judges list
             try:
                 over[key] = yaml.safe_load(val) if val != "" else ""
             except yaml.YAMLError:
                 over[key] = val
-            if key == "rewards" and isinstance(over[key], str):  # --rewards gold,proxy: names with their defaults
+            if key in ("rewards", "judges") and isinstance(over[key], str):  # --rewards gold,proxy: default configs
                 over[key] = [{"name": n.strip()} for n in over[key].split(",") if n.strip()]
         else:
             from fewstep_rl.config import closest
@@ -104,6 +106,7 @@ FIT_FLAGS = {"method": "value", "world": "value", "config": "list", "ckpt_path":
 
 
 def _method_help(method: str | None, world: str | None) -> str:
+    from fewstep_rl.eval.monitor import MonitorConfig
     from fewstep_rl.run import DEFAULT_WORLD, TrainerConfig, preset_path
 
     if method is None:
@@ -122,7 +125,9 @@ def _method_help(method: str | None, world: str | None) -> str:
               f"world options ({world}):", *help_lines(wcls.Config, "world"), "",
               "trainer options:", *help_lines(TrainerConfig, "trainer"), "",
               "rewards: a list, e.g. --rewards '[{name: linear, w: [1.0, 0.0]}]'; "
-              f"installed: {', '.join(registry.names('rewards'))}"]
+              f"installed: {', '.join(registry.names('rewards'))}",
+              "judges: rewards the method never sees, for the reward-hacking monitor, e.g. --judges gold", "",
+              "monitor options (active with judges):", *help_lines(MonitorConfig, "monitor")]
     return "\n".join(lines)
 
 
@@ -307,6 +312,10 @@ EVAL_FLAGS = {**{k: v for k, v in SAMPLE_FLAGS.items() if k not in ("out", "prom
 
 
 def cmd_eval(argv: list[str]) -> int:
+    if "--paired" in argv:
+        from fewstep_rl.eval.paired_cli import cmd_paired
+
+        return cmd_paired(argv)
     opts, over = _parse(argv, EVAL_FLAGS)
     if opts.get("help"):
         print(f"usage:{USAGE}")
@@ -396,8 +405,14 @@ def cmd_validate(argv: list[str]) -> int:
     return validate_main(argv, _parse)
 
 
+def cmd_compare(argv: list[str]) -> int:
+    from fewstep_rl.compare.runner import cmd_compare as run_compare
+
+    return run_compare(argv)
+
+
 COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world,
-            "validate": cmd_validate}
+            "validate": cmd_validate, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,3 +201,29 @@ def help_lines(cls: type, prefix: str) -> list[str]:
         if f.metadata.get("help"):
             lines.append(f"      {f.metadata['help']}")
     return lines
+
+
+PRESET_GROUP = "fewstep_rl.presets"
+
+
+def plugin_preset(method: str, world: str) -> Any:
+    """A preset ``<world>.yaml`` shipped by a plugin package, or None.
+
+    A plugin registers, in the ``fewstep_rl.presets`` entry-point group, the method's name with the package that
+    holds its presets (``mymethod = "my_plugin.presets"``; the package holds ``toy2d.yaml``, ``shapes.yaml``, ...).
+    Returns an ``importlib.resources`` traversable (works from wheels and editable installs alike).
+    """
+    from importlib import import_module, resources
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PRESET_GROUP):
+        if ep.name != method:
+            continue
+        try:
+            pkg = import_module(ep.value.split(":")[0])
+        except ImportError as e:
+            raise ConfigError(f"preset package {ep.value!r} of method {method!r} cannot be imported: {e}") from None
+        p = resources.files(pkg).joinpath(f"{world}.yaml")
+        if p.is_file():
+            return p
+    return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -27,10 +28,10 @@ from typing import Any, Literal
 import yaml
 
 from fewstep_rl import registry
-from fewstep_rl.config import ConfigError, build, knob, to_dict, unknown_key_message
+from fewstep_rl.config import ConfigError, build, knob, plugin_preset, to_dict, unknown_key_message
 
 DEFAULT_WORLD = "shapes"
-SECTIONS = ("method", "world", "rewards", "trainer")
+SECTIONS = ("method", "world", "rewards", "trainer", "judges", "monitor")
 
 
 @dataclass
@@ -53,6 +54,8 @@ class TrainerConfig:
     nonfinite_limit: int = knob(3, "abort after N iterations in a row with a non-finite loss or gradient (0: never)")
     num_threads: int | None = knob(None, "torch intra-op threads (default: torch's choice; DDP uses 1 per rank)")
     progress_bar: bool = knob(True, "show a progress bar")
+    logger: Literal["csv", "tensorboard", "wandb"] = knob(
+        "csv", "metrics logger: csv (metrics.csv), tensorboard or wandb (offline; both keep metrics.csv too)")
 
     def __post_init__(self) -> None:
         check_trainer_config(self)
@@ -84,14 +87,20 @@ class Resolved:
     world: Any
     rewards: list[tuple[str, type, Any, float]]
     trainer: TrainerConfig
+    judges: list[tuple[str, type, Any, float]] = dataclasses.field(default_factory=list)
+    monitor: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "method": {"name": self.method_name, **to_dict(self.method)},
             "world": {"name": self.world_name, **to_dict(self.world)},
             "rewards": [{"name": n, "weight": w, **to_dict(c)} for n, _, c, w in self.rewards],
             "trainer": to_dict(self.trainer),
         }
+        if self.judges:  # judge rewards + reward-hacking monitor (fewstep_rl.eval.monitor); absent when unused
+            out["judges"] = [{"name": n, "weight": w, **to_dict(c)} for n, _, c, w in self.judges]
+            out["monitor"] = to_dict(self.monitor)
+        return out
 
 
 def deep_merge(base: dict, over: Mapping) -> dict:
@@ -141,12 +150,15 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def preset_path(method: str, world: str) -> Path | None:
-    """The packaged preset ``configs/<method>/<world>.yaml`` when it exists."""
+    """The packaged preset ``configs/<method>/<world>.yaml`` when it exists, else one a plugin ships under the
+    ``fewstep_rl.presets`` entry-point group (:func:`fewstep_rl.config.plugin_preset`)."""
     try:
         p = resources.files("fewstep_rl.configs").joinpath(method, f"{world}.yaml")
     except ModuleNotFoundError:
-        return None
-    return Path(str(p)) if p.is_file() else None
+        p = None
+    if p is None or not p.is_file():
+        p = plugin_preset(method, world)
+    return Path(str(p)) if p is not None and p.is_file() else None
 
 
 def resolve(
@@ -182,7 +194,20 @@ def resolve(
     world_cfg = build(world_cls.Config, wsec, "world")
     trainer_cfg = build(TrainerConfig, merged.get("trainer"), "trainer")
     rewards = resolve_rewards(merged.get("rewards"), world_cls, world_cfg)
-    return Resolved(method, method_cls, method_cfg, world, world_cls, world_cfg, rewards, trainer_cfg)
+    judges, monitor = resolve_judges(merged, world_cls, world_cfg)
+    return Resolved(method, method_cls, method_cfg, world, world_cls, world_cfg, rewards, trainer_cfg, judges, monitor)
+
+
+def resolve_judges(merged: Mapping, world_cls: type, world_cfg: Any) -> tuple[list, Any]:
+    """The ``judges`` reward list (never handed to the method) and the ``monitor`` section (needs judges)."""
+    from fewstep_rl.eval.monitor import MonitorConfig
+
+    specs = merged.get("judges")
+    if specs in (None, []):
+        if merged.get("monitor"):
+            raise ConfigError("'monitor' needs judge rewards: add a 'judges' list, e.g. judges: [{name: gold}]")
+        return [], None
+    return resolve_rewards(specs, world_cls, world_cfg), build(MonitorConfig, merged.get("monitor"), "monitor")
 
 
 def resolve_rewards(specs: Any, world_cls: type, world_cfg: Any) -> list[tuple[str, type, Any, float]]:
@@ -306,7 +331,8 @@ def reliability_parts(tc: TrainerConfig, run_dir: Path, resumed: bool = False) -
 
 def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list, safety: bool = True) -> Any:
     import lightning as L
-    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from fewstep_rl.eval.callbacks import progress_bar
 
     if tc.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -321,14 +347,52 @@ def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list, safety: boo
     safe_callbacks, logger, plugins = reliability_parts(tc, run_dir)
     callbacks = [StopAt(tc.max_steps), *(safe_callbacks if safety else []), *callbacks]
     if tc.progress_bar:
-        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, tc.log_every))]
+        callbacks = [*callbacks, progress_bar(tc.max_steps, max(1, tc.log_every))]
     return L.Trainer(
         accelerator=tc.accelerator, devices=tc.devices, strategy=strategy, precision=tc.precision,
-        max_epochs=-1, max_steps=-1, logger=logger, plugins=plugins,
+        max_epochs=-1, max_steps=-1, logger=make_loggers(tc.logger, run_dir, logger), plugins=plugins,
         callbacks=callbacks, enable_progress_bar=tc.progress_bar, log_every_n_steps=tc.log_every,
         default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
         enable_checkpointing=False,
     )
+
+
+def make_loggers(kind: str, run_dir: Path, csv: Any) -> list:
+    """CSV (``metrics.csv``, always: ``csv``, the logger that appends on resume) plus TensorBoard (``tensorboard/``)
+    or W&B offline (``wandb/``) for ``kind``."""
+    loggers: list = [csv]
+    extra = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if kind in extra:
+        import importlib.util
+
+        if importlib.util.find_spec(extra[kind]) is None:
+            raise ConfigError(f"trainer.logger {kind!r} needs the {extra[kind]} package: "
+                              f"pip install 'fewstep-rl[logging]' (or choose trainer.logger csv)")
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False))
+    elif kind == "wandb":
+        import os
+
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_MODE", "offline")  # never reaches a server; `wandb sync` uploads later
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(save_dir=str(run_dir), offline=True, project="fewstep-rl", name=Path(run_dir).name))
+    return loggers
+
+
+def monitor_callbacks(resolved: Resolved, run_dir: Path, world: Any) -> list:
+    """The reward-hacking monitor of a run with judges (``[]`` without)."""
+    if not resolved.judges:
+        return []
+    from fewstep_rl.eval.callbacks import MonitorCallback
+
+    tc = resolved.trainer
+    judges = _multi_reward(resolved.judges, world)
+    every = resolved.monitor.every or tc.eval_every
+    return [MonitorCallback(judges, resolved.monitor, Path(run_dir), every, tc.max_steps)]
 
 
 def assemble(resolved: Resolved, run_dir: Path, callbacks: list, run_callback: bool = True) -> tuple[Any, Any, Any]:
@@ -343,6 +407,7 @@ def assemble(resolved: Resolved, run_dir: Path, callbacks: list, run_callback: b
     if run_callback:
         callbacks = [RunCallback(Path(run_dir), tc.eval_every, tc.eval_samples, tc.ckpt_every, tc.seed, tc.max_steps),
                      *callbacks]
+    callbacks = [*callbacks, *monitor_callbacks(resolved, Path(run_dir), method.world)]
     return method, dm, build_trainer(tc, Path(run_dir), callbacks, safety=run_callback)
 
 
