@@ -102,9 +102,14 @@ class SD3World(World):
             raise ValueError(f"world.resolution {self.cfg.resolution} is not a multiple of the VAE factor {factor}")
         return int(self.cfg.resolution) // factor
 
+    #: In-memory hook (``benchmarks/scale.py``): a callable returning the backbone instead of loading ``world.path``.
+    backbone_factory: Any = None
+
     def build_backbone(self) -> Any:
         from fewstep_rl.backbones.sd3 import SD3Backbone
 
+        if self.backbone_factory is not None:
+            return self.backbone_factory()
         c = self.cfg
         return SD3Backbone.from_pretrained(
             self.dir, roles_mode=c.roles_mode, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,

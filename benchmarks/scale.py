@@ -1,0 +1,291 @@
+"""Every method at the scale users run: SD3.5-Medium's real architecture (random bf16 weights, nothing downloaded).
+
+    python benchmarks/scale.py                                  # CUDA: SD3.5-M, 512 px, every method, LoRA roles
+    python benchmarks/scale.py --arch tiny --device cpu         # the CPU test (tiny width, seconds)
+    python benchmarks/scale.py --methods dmd2 --roles full      # full-copy roles
+
+For every row (method × roles mode), in a fresh subprocess (so peak memory is the row's own):
+
+1. resolve the method's ``configs/<method>/sd3.yaml`` preset through the real config code (``world.path`` and
+   ``world.prompts`` point at a scratch directory; the ``sd3`` world's ``backbone_factory`` hook hands it an
+   :class:`~fewstep_rl.backbones.sd3.SD3Backbone` over the architecture built in memory by
+   :mod:`fewstep_rl.perf.arch`, with precomputed random prompt embeddings of the real shapes: 333 tokens × 4096,
+   pooled 2048), with the batch and group sizes capped by ``--max-batch``/``--max-group`` (and the micro-batch
+   counts scaled to keep the preset's micro-batch size where it can) so a row fits the time budget;
+2. train it with the real Trainer for ``--warmup`` iterations, then time ``--iters`` iterations (fewer when the
+   row would pass ``--time-cap`` seconds), recording every transformer pass (role, shape, grad on/off);
+3. count the FLOPs of each distinct pass once under ``FlopCounterMode`` (forward, + backward for grad passes) and
+   report: s/iteration, images/s (the iteration's samples, batch × group, per second), counted TFLOP/iteration,
+   achieved TFLOP/s, **MFU** = counted FLOPs / elapsed / ``--peak-tflops`` (default 989: H100/H200 dense bf16;
+   on CPU only with an explicit ``--peak-tflops``), the peak accelerator memory (``max_memory_allocated`` after
+   the model is built; on CPU the peak RSS) and the measured weights/optimiser-state sizes used by
+   ``fewstep-rl plan``.
+
+The reward is :class:`fewstep_rl.perf.bench_reward.MeanPixelReward` (differentiable, ~free): real reward models
+need checkpoints. The VAE decode runs (SD3.5's VAE config, random weights) but its FLOPs are not in the MFU, which
+counts transformer passes only. ``rtdmd`` is stage 1 (cold start) and ``rtdmd@rl`` stage 2 (``stage1_iterations 0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {"rtdmd@rl": ("rtdmd", {"method.stage1_iterations": 0})}
+PROMPTS = [f"a photograph of object {i} on a table, studio light" for i in range(16)]
+
+
+def default_rows() -> list[str]:
+    from fewstep_rl import registry
+
+    out = []
+    for m in registry.names("methods"):
+        out.append(m)
+        out += [v for v, (base, _) in VARIANTS.items() if base == m]
+    return out
+
+
+def scaled_overrides(cfg: object, method: str, max_batch: int, max_group: int) -> dict:
+    """Batch/group caps, with the counts that must divide them adjusted (micro-batch size kept where possible)."""
+    over: dict = {}
+    b0 = int(cfg.batch_size)
+    k0 = int(getattr(cfg, "group_size", 1) or 1)
+    b = min(b0, max_batch)
+    k = min(k0, max(max_group, 2)) if hasattr(cfg, "group_size") else 1
+    over["method.batch_size"] = b
+    if hasattr(cfg, "group_size"):
+        over["method.group_size"] = k
+    for key in ("opt_steps_per_epoch", "stage2_epochs_per_batch"):
+        if hasattr(cfg, key):
+            over[f"method.{key}"] = math.gcd(int(getattr(cfg, key)), b)
+    if hasattr(cfg, "micro_batches"):
+        m0 = int(cfg.micro_batches)
+        if method == "tdm_r1":  # micro-batches hold whole prompt groups: they divide batch_size
+            over["method.micro_batches"] = math.gcd(m0, b)
+        else:  # rtdmd: micro-batches divide the samples of one stage-2 epoch; keep the preset's micro-batch size
+            e0 = int(getattr(cfg, "stage2_epochs_per_batch", 1))
+            e = over.get("method.stage2_epochs_per_batch", 1)
+            size0 = max(1, b0 * k0 // e0 // m0)
+            total = b * k // e
+            mb = max(1, total // size0)
+            while total % mb:
+                mb -= 1
+            over["method.micro_batches"] = mb
+    if getattr(cfg, "forward_batch", None):
+        over["method.forward_batch"] = min(int(cfg.forward_batch), b * k)
+    return over
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_row(row: str, a: argparse.Namespace) -> dict:
+    import lightning as L
+    import torch
+
+    from fewstep_rl.perf.arch import build_sd3_backbone, get_arch
+    from fewstep_rl.perf.flops import PassRecorder, total_flops
+    from fewstep_rl.run import assemble, resolve
+
+    method, extra = VARIANTS.get(row, (row, {}))
+    arch = get_arch(a.arch)
+    scratch = Path(tempfile.mkdtemp(prefix="scale-"))
+    (scratch / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    base = {
+        "world.path": str(scratch), "world.prompts": str(scratch / "prompts.txt"), "world.resolution": a.resolution,
+        "world.roles_mode": a.roles, "world.dtype": a.dtype,
+        "rewards": [{"name": "fewstep_rl.perf.bench_reward:MeanPixelReward"}],
+        "trainer.accelerator": "cuda" if a.device.startswith("cuda") else "cpu", "trainer.precision": a.precision,
+        "trainer.max_steps": 10**6, "trainer.run_dir": str(scratch / "run"), "trainer.progress_bar": False,
+        "trainer.log_every": 10**6, **extra,
+    }
+    probe = resolve(method, "sd3", (), base)
+    over = {**base, **scaled_overrides(probe.method, method, a.max_batch, a.max_group)}
+    resolved = resolve(method, "sd3", (), over)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
+    wc = resolved.world
+    times: list[float] = []
+    state: dict = {}
+
+    class Timer(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # noqa: ANN001
+            state["rec"] = PassRecorder(pl_module.backbone)
+            state["t0"] = time.perf_counter()
+            if a.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            _sync(a.device)
+            state["rec"].on = int(batch["pos"]) >= a.warmup
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            _sync(a.device)
+            dt = time.perf_counter() - self.t
+            pos = int(batch["pos"])
+            state["rec"].on = False
+            if pos < a.warmup:
+                state["warm_s"] = state.get("warm_s", 0.0) + dt
+            else:
+                times.append(dt)
+            elapsed = time.perf_counter() - state["t0"]
+            capped = bool(times) and elapsed + (times[-1] if times else 0.0) > a.time_cap
+            if len(times) >= a.iters or capped:
+                trainer.should_stop = True
+
+    module, dm, trainer = assemble(resolved, scratch / "run", [Timer()], run_callback=False)
+    module.world.backbone_factory = lambda: build_sd3_backbone(
+        arch, PROMPTS, device=a.device, dtype=dtype, resolution=wc.resolution, roles_mode=wc.roles_mode,
+        lora_rank=wc.lora_rank, lora_alpha=wc.lora_alpha, seed=0)
+    t_fit = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - t_fit
+    peak = torch.cuda.max_memory_allocated() if a.device.startswith("cuda") else None
+    bb = module.backbone
+    bb.to(a.device)
+    rec = state["rec"]
+    rec.remove()
+    n = len(times)
+    ac = torch.bfloat16 if a.precision.startswith("bf16") else (torch.float16 if a.precision.startswith("16") else None)
+    flops, per = total_flops(bb, rec.calls, PROMPTS, ac)
+    step = sum(times) / n
+    b, k = module.batch_spec()
+    images = b * k
+    base_bytes = sum(p.numel() * p.element_size() for n_, p in bb.transformer.named_parameters()
+                     if ".lora_" not in n_)
+    role_bytes = {r: sum(p.numel() * p.element_size() for p in bb.role_parameters(r)) for r in bb.roles}
+    opts = module.optimizers()
+    opts = opts if isinstance(opts, list) else [opts]
+    opt_bytes = sum(t.numel() * t.element_size() for o in opts for s in o.optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t))
+    vae_bytes = sum(p.numel() * p.element_size() for p in bb.vae.parameters()) if bb.vae is not None else 0
+    emb_bytes = sum(t.numel() * t.element_size() for t in bb.text_embedder.buffers())
+    res = {
+        "row": row, "method": method, "arch": a.arch, "roles": a.roles, "device": a.device,
+        "precision": a.precision, "resolution": a.resolution, "batch": b, "group": k, "images_per_iter": images,
+        "iters": n, "warmup_s": state.get("warm_s", 0.0), "fit_s": fit_s, "s_per_iter": step,
+        "images_per_s": images / step, "passes_per_iter": sum(rec.calls.values()) / n,
+        "grad_passes_per_iter": sum(c for (_, _, g), c in rec.calls.items() if g) / n,
+        "tflop_per_iter": flops / n / 1e12, "tflops": flops / n / step / 1e12,
+        "mfu": (flops / n / step / (a.peak_tflops * 1e12)) if a.peak_tflops else None,
+        "peak_mem_gb": peak / 2**30 if peak is not None else None,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "base_gb": base_bytes / 2**30, "vae_gb": vae_bytes / 2**30, "embed_gb": emb_bytes / 2**30,
+        "roles_gb": {r: v / 2**30 for r, v in role_bytes.items()},
+        "trainable_roles": [r for r in bb.roles if bb.trainable[r]], "opt_state_gb": opt_bytes / 2**30,
+        "pass_kinds": {key: {"count": rec.calls[c] / n, "tflop": per[key] / 1e12}
+                       for key, c in zip(per, rec.calls, strict=True)},
+        "overrides": {k_: v for k_, v in over.items() if k_.startswith("method.")},
+    }
+    return res
+
+
+def fmt_table(rows: list[dict]) -> str:
+    lines = ["| method | roles | batch×group | s/iter | images/s | passes/iter (grad) | TFLOP/iter | TFLOP/s | MFU | "
+             "peak mem GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r.get('roles', '')} | — | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = r["peak_mem_gb"] if r["peak_mem_gb"] is not None else r["peak_rss_gb"]
+        unit = "" if r["peak_mem_gb"] is not None else " (RSS)"
+        lines.append(
+            f"| {r['row']} | {r['roles']} | {r['batch']}×{r['group']} | {r['s_per_iter']:.3f} | "
+            f"{r['images_per_s']:.2f} | {r['passes_per_iter']:.1f} ({r['grad_passes_per_iter']:.1f}) | "
+            f"{r['tflop_per_iter']:.3g} | {r['tflops']:.3g} | {mfu} | {mem:.2f}{unit} |")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="sd3.5-medium", help="sd3.5-medium (default) or tiny (CPU test)")
+    ap.add_argument("--methods", default=None, help="comma-separated rows (default: every method + rtdmd@rl)")
+    ap.add_argument("--roles", default="lora", help="lora, full, or lora,full")
+    ap.add_argument("--full-methods", default=None, help="rows also run with full copies (with --roles lora)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on CUDA, 32-true on CPU)")
+    ap.add_argument("--dtype", default=None, help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--resolution", type=int, default=None, help="image side (default 512; tiny: 64)")
+    ap.add_argument("--max-batch", type=int, default=2, help="cap on prompts per batch (default 2)")
+    ap.add_argument("--max-group", type=int, default=4, help="cap on samples per prompt (default 4)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--time-cap", type=float, default=60.0, help="stop timing a row after this many seconds")
+    ap.add_argument("--row-timeout", type=float, default=240.0, help="kill a row's subprocess after this many s")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="device bf16 peak for MFU (default 989 on CUDA = H100/H200 dense bf16; none on CPU)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    ap.add_argument("--out", default=None, help="write the JSON rows here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    import torch
+
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = a.device.startswith("cuda")
+    a.precision = a.precision or ("bf16-mixed" if cuda else "32-true")
+    a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
+    a.resolution = a.resolution or (64 if a.arch == "tiny" else 512)
+    if a.peak_tflops is None and cuda:
+        a.peak_tflops = 989.0
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    if a.one:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        print("ROW " + json.dumps(bench_row(a.one, a)))
+        return 0
+    rows_spec = a.methods.split(",") if a.methods else default_rows()
+    jobs = [(r, mode) for mode in a.roles.split(",") for r in rows_spec]
+    if a.full_methods:
+        jobs += [(r, "full") for r in a.full_methods.split(",") if (r, "full") not in jobs]
+    passthru = ["--arch", a.arch, "--device", a.device, "--precision", a.precision, "--dtype", a.dtype,
+                "--resolution", str(a.resolution), "--max-batch", str(a.max_batch), "--max-group", str(a.max_group),
+                "--warmup", str(a.warmup), "--iters", str(a.iters), "--time-cap", str(a.time_cap),
+                "--threads", str(a.threads)] + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
+    for row, mode in jobs:
+        t = time.perf_counter()
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", row, "--roles", mode, *passthru]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.row_timeout, env=env)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
+            if p.returncode != 0 or not line:
+                err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                rows.append({"row": row, "roles": mode, "error": err, "stderr": p.stderr[-4000:]})
+            else:
+                rows.append(json.loads(line[-1][4:]))
+        except subprocess.TimeoutExpired:
+            rows.append({"row": row, "roles": mode, "error": f"timed out after {a.row_timeout:.0f} s"})
+        r = rows[-1]
+        status = "failed: " + r["error"] if "error" in r else f"{r['s_per_iter']:.3f} s/iter"
+        print(f"[scale] {row} ({mode}): {status} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+    print(fmt_table(rows))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(rows, indent=1))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
