@@ -8,7 +8,7 @@ EXTRAS ?= dev,diffusers
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench smoke-cuda clean
+.PHONY: help install demo test test-slow lint bench bench-scale smoke-cuda clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ lint: install ## ruff + import-linter layer contracts
 
 bench: install ## per-method step time vs. its own network passes, and peak memory
 	$(PY) benchmarks/bench_methods.py
+
+bench-scale: install ## every method at SD3.5-M size on CUDA (random bf16 weights, MFU, peak memory); tiny width on CPU
+	$(PY) benchmarks/scale.py $(BENCH_SCALE_ARGS)
 
 smoke-cuda: install ## every method, 4 bf16-mixed iterations on the default world, on CUDA (needs a GPU)
 	@mkdir -p runs/smoke-cuda; for m in $$($(PY) -c "from fewstep_rl import registry; print(' '.join(registry.names('methods')))"); do \

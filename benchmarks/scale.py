@@ -1,7 +1,7 @@
 """Every method at the scale users run: SD3.5-Medium's real architecture (random bf16 weights, nothing downloaded).
 
     python benchmarks/scale.py                                  # CUDA: SD3.5-M, 512 px, every method, LoRA roles
-    python benchmarks/scale.py --arch tiny --device cpu         # the CPU test (tiny width, seconds)
+    python benchmarks/scale.py --device cpu                     # the CPU test (tiny width, seconds per row)
     python benchmarks/scale.py --methods dmd2 --roles full      # full-copy roles
 
 For every row (method × roles mode), in a fresh subprocess (so peak memory is the row's own):
@@ -113,6 +113,8 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
     }
     probe = resolve(method, "sd3", (), base)
     over = {**base, **scaled_overrides(probe.method, method, a.max_batch, a.max_group)}
+    if a.plan_only:
+        return plan_row(row, method, a, {k_: v for k_, v in over.items() if k_.startswith("method.")})
     resolved = resolve(method, "sd3", (), over)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
     wc = resolved.world
@@ -192,6 +194,44 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
     return res
 
 
+_PLAN_CACHE: dict = {}
+
+
+def plan_row(row: str, method: str, a: argparse.Namespace, over: dict) -> dict:
+    """``fewstep-rl plan``'s estimate for the row's configuration (precomputed text, the bench's prompt table)."""
+    from fewstep_rl.plan import make_plan
+
+    prec = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[a.dtype]
+    res = make_plan(method, a.arch, a.roles, prec, resolution=a.resolution, overrides=over, precomputed_text=True,
+                    prompt_cache=len(PROMPTS) + 1)
+    return {"row": row, "roles": a.roles, "plan_gb": res.total_gb, "static_gb": res.static_gb,
+            "activations_gb": res.activations_gb, "lines": res.lines, "passes": res.passes}
+
+
+def fmt_compare(rows: list[dict], plans: list[dict]) -> str:
+    """Measured peak vs ``fewstep-rl plan``'s estimate, per row, with the relative error."""
+    by = {(p["row"], p["roles"]): p for p in plans if "error" not in p}
+    lines = ["| method | roles | measured peak GiB | plan GiB (static + activations) | error |", "|---|---|---|---|---|"]
+    errs = []
+    for r in rows:
+        p = by.get((r["row"], r.get("roles")))
+        if "error" in r or p is None:
+            continue
+        meas = r["peak_mem_gb"]
+        if meas is None:
+            lines.append(f"| {r['row']} | {r['roles']} | n/a (CPU) | {p['plan_gb']:.3g} ({p['static_gb']:.3g} + "
+                         f"{p['activations_gb']:.3g}) | n/a |")
+            continue
+        err = (p["plan_gb"] - meas) / meas
+        errs.append(abs(err))
+        lines.append(f"| {r['row']} | {r['roles']} | {meas:.2f} | {p['plan_gb']:.2f} ({p['static_gb']:.2f} + "
+                     f"{p['activations_gb']:.2f}) | {100 * err:+.1f}% |")
+    if errs:
+        lines.append(f"\nmean |error| {100 * sum(errs) / len(errs):.1f}%, max {100 * max(errs):.1f}% "
+                     f"over {len(errs)} rows")
+    return "\n".join(lines)
+
+
 def fmt_table(rows: list[dict]) -> str:
     lines = ["| method | roles | batch×group | s/iter | images/s | passes/iter (grad) | TFLOP/iter | TFLOP/s | MFU | "
              "peak mem GB |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -211,7 +251,7 @@ def fmt_table(rows: list[dict]) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="sd3.5-medium", help="sd3.5-medium (default) or tiny (CPU test)")
+    ap.add_argument("--arch", default=None, help="sd3.5-medium (default on CUDA) or tiny (default on CPU: the test)")
     ap.add_argument("--methods", default=None, help="comma-separated rows (default: every method + rtdmd@rl)")
     ap.add_argument("--roles", default="lora", help="lora, full, or lora,full")
     ap.add_argument("--full-methods", default=None, help="rows also run with full copies (with --roles lora)")
@@ -229,12 +269,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="device bf16 peak for MFU (default 989 on CUDA = H100/H200 dense bf16; none on CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     ap.add_argument("--out", default=None, help="write the JSON rows here")
+    ap.add_argument("--deadline", type=float, default=None, help="skip the rows left after this many seconds")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="no benchmark: write fewstep-rl plan's estimates of the same rows (JSON to --out)")
+    ap.add_argument("--compare", nargs=2, metavar=("ROWS", "PLANS"), default=None,
+                    help="print measured peaks (ROWS JSON) against plan estimates (PLANS JSON) and exit")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     import torch
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = a.device.startswith("cuda")
+    a.arch = a.arch or ("sd3.5-medium" if cuda else "tiny")
     a.precision = a.precision or ("bf16-mixed" if cuda else "32-true")
     a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
     a.resolution = a.resolution or (64 if a.arch == "tiny" else 512)
@@ -245,6 +291,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    if a.compare:
+        rows, plans = (json.loads(Path(f).read_text()) for f in a.compare)
+        print(fmt_compare(rows, plans))
+        return 0
+    if a.plan_only and not a.one:  # in-process: the meta-device replays are shared between rows
+        rows_spec = a.methods.split(",") if a.methods else default_rows()
+        jobs = [(r, mode) for mode in a.roles.split(",") for r in rows_spec]
+        if a.full_methods:
+            jobs += [(r, "full") for r in a.full_methods.split(",") if (r, "full") not in jobs]
+        out = []
+        for row, mode in jobs:
+            a.roles = mode
+            t = time.perf_counter()
+            try:
+                out.append(bench_row(row, a))
+            except Exception as e:  # noqa: BLE001 - fail soft per row
+                out.append({"row": row, "roles": mode, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(f"[plan] {row} ({mode}): {out[-1].get('plan_gb', out[-1].get('error'))} "
+                  f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(out, indent=1))
+        return 0
     if a.one:
         import torch
 
@@ -264,11 +332,17 @@ def main(argv: list[str] | None = None) -> int:
                 "--threads", str(a.threads)] + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
+    t_start = time.perf_counter()
     for row, mode in jobs:
         t = time.perf_counter()
+        left = a.deadline - (t - t_start) if a.deadline else a.row_timeout
+        if left < 15:
+            rows.append({"row": row, "roles": mode, "error": "skipped: out of time (--deadline)"})
+            print(f"[scale] {row} ({mode}): skipped (deadline)", file=sys.stderr, flush=True)
+            continue
         cmd = [sys.executable, os.path.abspath(__file__), "--one", row, "--roles", mode, *passthru]
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.row_timeout, env=env)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(a.row_timeout, left), env=env)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
             if p.returncode != 0 or not line:
                 err = (p.stderr.strip().splitlines() or ["no output"])[-1]
@@ -276,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows.append(json.loads(line[-1][4:]))
         except subprocess.TimeoutExpired:
-            rows.append({"row": row, "roles": mode, "error": f"timed out after {a.row_timeout:.0f} s"})
+            rows.append({"row": row, "roles": mode, "error": f"timed out after {min(a.row_timeout, left):.0f} s"})
         r = rows[-1]
         status = "failed: " + r["error"] if "error" in r else f"{r['s_per_iter']:.3f} s/iter"
         print(f"[scale] {row} ({mode}): {status} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)

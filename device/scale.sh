@@ -11,12 +11,15 @@ D="$OUT/scale"; W=$(mktemp -d); mkdir -p "$D"
 PY=${PY:-python3}
 FEW="$PY -m fewstep_rl.cli"
 start=$(date +%s)
+# priority order (rows left when the deadline comes are reported as skipped)
+ROWS=${ROWS:-rtdmd,dmd2,flow_grpo,refl,rtdmd@rl,crd,nft,tdm,tdm_r1,didr,di_star}
 echo "[scale] start $(date -u +%H:%M:%S) device=$DEVICE quick=$QUICK"
 if [ "$QUICK" = 1 ]; then
-  ARGS=(--arch tiny --device "$DEVICE" --max-batch 2 --max-group 2 --time-cap 10 --row-timeout 90)
+  ARGS=(--arch tiny --device "$DEVICE" --max-batch 2 --max-group 2 --time-cap 8 --row-timeout 90 --methods "$ROWS")
   ARCH=tiny
 else
-  ARGS=(--arch sd3.5-medium --device "$DEVICE" --max-batch 2 --max-group 2 --time-cap 22 --row-timeout 75)
+  ARGS=(--arch sd3.5-medium --device "$DEVICE" --max-batch 2 --max-group 2 --time-cap 12 --row-timeout 60 \
+        --methods "$ROWS")
   ARCH=sd3.5-medium
 fi
 {
@@ -27,21 +30,30 @@ print("torch", torch.__version__, "python", platform.python_version(), "cuda", t
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PYEOF
 } > "$W/head.txt"
+echo "[scale] plan estimates of the same rows + fewstep-rl plan lines, in the background (CPU, meta device)"
+(
+  timeout "$DEADLINE" $PY benchmarks/scale.py "${ARGS[@]}" --device cpu --dtype bfloat16 --roles lora \
+      --full-methods refl --plan-only --out "$W/plans.json" > /dev/null 2> "$W/plan_rows.log"
+  for spec in "rtdmd lora 1" "rtdmd full 1" "dmd2 full 1" "rtdmd full 8"; do
+    set -- $spec
+    extra=(); [ "$3" -gt 1 ] && extra=(--devices "$3" --strategy fsdp2)
+    left=$(( DEADLINE - ($(date +%s) - start) ))
+    [ "$left" -lt 20 ] && { echo "plan $spec: skipped (time)" >> "$W/plan.txt"; continue; }
+    timeout "$left" $FEW plan --method "$1" --world sd3 --arch "$ARCH" --roles "$2" --precision bf16 \
+        --memory 141 "${extra[@]}" >> "$W/plan.txt" 2>&1 || echo "plan $spec failed" >> "$W/plan.txt"
+  done
+) &
+PLAN_PID=$!
 echo "[scale] rows (LoRA roles for every method, full copies for refl)"
 $PY benchmarks/scale.py "${ARGS[@]}" --roles lora --full-methods refl --deadline "$DEADLINE" \
-    --plan-check --out "$W/rows.json" > "$W/table.md" 2> "$W/bench.log"
+    --out "$W/rows.json" > "$W/table.md" 2> "$W/bench.log"
 echo "[scale] bench rc=$? after $(( $(date +%s) - start )) s"
-echo "[scale] plan"
-for m in rtdmd flow_grpo dmd2; do
-  for roles in lora full; do
-    timeout 60 $FEW plan --method "$m" --world sd3 --arch "$ARCH" --roles "$roles" --precision bf16 \
-        --memory 141 >> "$W/plan.txt" 2>&1 || echo "plan $m $roles failed" >> "$W/plan.txt"
-  done
-done
-timeout 60 $FEW plan --method rtdmd --world sd3 --arch "$ARCH" --roles full --devices 8 --strategy fsdp2 \
-    --memory 80 >> "$W/plan.txt" 2>&1 || echo "plan fsdp2 failed" >> "$W/plan.txt"
+wait $PLAN_PID; echo "[scale] plan rc=$? after $(( $(date +%s) - start )) s"
+$PY benchmarks/scale.py --compare "$W/rows.json" "$W/plans.json" > "$W/compare.md" 2>&1
 {
   cat "$W/head.txt"; echo; echo "## measured"; cat "$W/table.md"; echo
+  echo "## measured peak vs fewstep-rl plan"; cat "$W/compare.md"; echo
+  echo "## plan rows log"; tail -n 20 "$W/plan_rows.log"; echo
   echo "## bench log (tail)"; tail -n 40 "$W/bench.log"; echo
   echo "## plan"; cat "$W/plan.txt"
   echo; echo "# total wall $(( $(date +%s) - start )) s"

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 GiB = 2**30
+_META: dict = {}
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -218,7 +219,8 @@ def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[lis
         return orig_backward(self, *args, **kwargs)
 
     torch.Tensor.backward = backward  # type: ignore[method-assign]
-    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning",
+                                                "lightning.pytorch.utilities.rank_zero")]
     levels = [lg.level for lg in quiet]
     try:
         for lg in quiet:
@@ -258,13 +260,16 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
     wc, mcls = resolved.world, resolved.method_cls
     trainable = list(mcls.trainable_roles)
     snapshots = list(mcls.snapshot_roles)
-    t = build_transformer(a, "meta", dtype)
-    base = sum(p.numel() for p in t.parameters())
-    vae = build_vae(a, "meta", dtype)
-    vae_n = sum(p.numel() for p in vae.parameters()) if vae is not None else 0
     from fewstep_rl.backbones.sd3 import DEFAULT_LORA_TARGETS
 
     targets = list(wc.lora_targets or DEFAULT_LORA_TARGETS)
+    key = (arch, precision, roles, wc.lora_rank, wc.lora_alpha, tuple(targets), resolution)
+    if key not in _META:  # the meta-device model and its replays, shared by plans of the same configuration
+        t = build_transformer(a, "meta", dtype)
+        vae = build_vae(a, "meta", dtype)
+        _META[key] = (t, sum(p.numel() for p in t.parameters()),
+                      sum(p.numel() for p in vae.parameters()) if vae is not None else 0, {}, [False])
+    t, base, vae_n, cache, adapted = _META[key]
     role_n = lora_params(t, targets, wc.lora_rank) if roles == "lora" else base
     shard = devices if strategy == "fsdp2" else 1
     lines: list[tuple[str, float]] = [
@@ -293,12 +298,12 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
     side = resolution // a.vae_factor
     sample_shape = (int(t.config.in_channels), side, side)
 
-    if roles == "lora":
+    if roles == "lora" and not adapted[0]:
         from peft import LoraConfig
 
         t.add_adapter(LoraConfig(r=wc.lora_rank, lora_alpha=wc.lora_alpha, target_modules=targets),
                       adapter_name="bench")
-    cache: dict[str, tuple[int, int, int]] = {}
+        adapted[0] = True
 
     def per_sample(trainable: bool) -> tuple[int, int, int]:
         mode = roles if trainable else "input"
