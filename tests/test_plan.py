@@ -75,7 +75,9 @@ def test_saved_bytes_lora_between_frozen_and_full():
     args = ((16, 8, 8), 16, 32, 16, torch.float32)
     full = saved_bytes_per_sample(t, *args, "full")[0]
     frozen = saved_bytes_per_sample(t, *args, "input")[0]
-    t.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"]), adapter_name="bench")
+    from fewstep_rl.backbones.sd3 import DEFAULT_LORA_TARGETS
+
+    t.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_LORA_TARGETS)), adapter_name="bench")
     lora = saved_bytes_per_sample(t, *args, "lora")[0]
     assert 0 < frozen < lora < full
 
