@@ -109,7 +109,8 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
         "rewards": [{"name": "fewstep_rl.perf.bench_reward:MeanPixelReward"}],
         "trainer.accelerator": "cuda" if a.device.startswith("cuda") else "cpu", "trainer.precision": a.precision,
         "trainer.max_steps": 10**6, "trainer.run_dir": str(scratch / "run"), "trainer.progress_bar": False,
-        "trainer.log_every": 10**6, **extra,
+        "trainer.log_every": 10**6, "world.attention_backend": a.attention_backend,
+        "world.grad_checkpointing": a.grad_checkpointing, "world.compile": a.compile, **extra,
     }
     probe = resolve(method, "sd3", (), base)
     over = {**base, **scaled_overrides(probe.method, method, a.max_batch, a.max_group)}
@@ -269,6 +270,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="device bf16 peak for MFU (default 989 on CUDA = H100/H200 dense bf16; none on CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     ap.add_argument("--out", default=None, help="write the JSON rows here")
+    ap.add_argument("--attention-backend", default="auto", help="world.attention_backend (auto, flash, ...)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="world.grad_checkpointing")
+    ap.add_argument("--compile", action="store_true", help="world.compile (torch.compile the transformer)")
     ap.add_argument("--deadline", type=float, default=None, help="skip the rows left after this many seconds")
     ap.add_argument("--plan-only", action="store_true",
                     help="no benchmark: write fewstep-rl plan's estimates of the same rows (JSON to --out)")
@@ -329,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     passthru = ["--arch", a.arch, "--device", a.device, "--precision", a.precision, "--dtype", a.dtype,
                 "--resolution", str(a.resolution), "--max-batch", str(a.max_batch), "--max-group", str(a.max_group),
                 "--warmup", str(a.warmup), "--iters", str(a.iters), "--time-cap", str(a.time_cap),
-                "--threads", str(a.threads)] + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
+                "--threads", str(a.threads), "--attention-backend", a.attention_backend] \
+        + (["--grad-checkpointing"] if a.grad_checkpointing else []) + (["--compile"] if a.compile else []) \
+        + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
     t_start = time.perf_counter()

@@ -25,6 +25,7 @@ class PassRecorder:
         self.backbone = backbone
         self.calls: Counter[tuple[str | None, tuple[int, ...], bool]] = Counter()
         self.on = False
+        self.prev = vars(backbone).get("_predict")  # an instance wrapper (speed flags) stays in place
         orig = backbone._predict
 
         def rec(x, sigma, cond, role):  # noqa: ANN001
@@ -35,7 +36,9 @@ class PassRecorder:
         backbone._predict = rec
 
     def remove(self) -> None:
-        if "_predict" in vars(self.backbone):
+        if self.prev is not None:
+            self.backbone._predict = self.prev
+        elif "_predict" in vars(self.backbone):
             del self.backbone._predict
 
 
