@@ -75,9 +75,9 @@ class PlanResult:
         head = (f"plan: {self.method} on {self.arch}, {self.roles_mode} roles, {self.precision}, "
                 f"{self.devices} device(s){' fsdp2' if self.strategy == 'fsdp2' else ''}, "
                 f"batch_size {self.batch_size} × group {self.group_size}")
-        rows = [head, f"  {'item':<46} {'GiB/device':>10}"]
-        rows += [f"  {k:<46} {v:>10.2f}" for k, v in self.lines]
-        rows.append(f"  {'total (estimated peak)':<46} {self.total_gb:>10.2f}")
+        rows = [head, f"  {'item':<58} {'GiB/device':>10}"]
+        rows += [f"  {k:<58} {v:>10.2f}" for k, v in self.lines]
+        rows.append(f"  {'total (estimated peak)':<58} {self.total_gb:>10.2f}")
         if memory_gb is not None:
             b = self.max_batch(memory_gb)
             what = "micro-batch-equivalent batch_size" if self.micro_batched else "batch_size"
