@@ -293,6 +293,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def job_list(a: argparse.Namespace) -> list[tuple[str, str]]:
+    """(row, roles mode) pairs: each row in every ``--roles`` mode; a ``--full-methods`` row's full-copy job right
+    after its LoRA one (so a deadline cuts the least important rows, at the end of ``--methods``)."""
+    rows_spec = a.methods.split(",") if a.methods else default_rows()
+    full = a.full_methods.split(",") if a.full_methods else []
+    jobs: list[tuple[str, str]] = []
+    for r in rows_spec:
+        for mode in a.roles.split(","):
+            jobs.append((r, mode))
+        if r in full and (r, "full") not in jobs:
+            jobs.append((r, "full"))
+    jobs += [(r, "full") for r in full if (r, "full") not in jobs]
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     if a.compare:
@@ -300,10 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print(fmt_compare(rows, plans))
         return 0
     if a.plan_only and not a.one:  # in-process: the meta-device replays are shared between rows
-        rows_spec = a.methods.split(",") if a.methods else default_rows()
-        jobs = [(r, mode) for mode in a.roles.split(",") for r in rows_spec]
-        if a.full_methods:
-            jobs += [(r, "full") for r in a.full_methods.split(",") if (r, "full") not in jobs]
+        jobs = job_list(a)
         out = []
         for row, mode in jobs:
             a.roles = mode
@@ -326,10 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         print("ROW " + json.dumps(bench_row(a.one, a)))
         return 0
-    rows_spec = a.methods.split(",") if a.methods else default_rows()
-    jobs = [(r, mode) for mode in a.roles.split(",") for r in rows_spec]
-    if a.full_methods:
-        jobs += [(r, "full") for r in a.full_methods.split(",") if (r, "full") not in jobs]
+    jobs = job_list(a)
     passthru = ["--arch", a.arch, "--device", a.device, "--precision", a.precision, "--dtype", a.dtype,
                 "--resolution", str(a.resolution), "--max-batch", str(a.max_batch), "--max-group", str(a.max_group),
                 "--warmup", str(a.warmup), "--iters", str(a.iters), "--time-cap", str(a.time_cap),

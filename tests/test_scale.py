@@ -102,3 +102,9 @@ def test_bench_row_counts_passes_and_flops(scale, row, roles):
 def test_table_marks_failures(scale):
     t = scale.fmt_table([{"row": "x", "roles": "lora", "error": "boom"}])
     assert "failed: boom" in t
+
+
+def test_job_order_puts_full_copies_next_to_their_lora_row(scale):
+    a = scale.parse(["--device", "cpu", "--methods", "rtdmd,refl,crd", "--full-methods", "refl,dmd2"])
+    assert scale.job_list(a) == [("rtdmd", "lora"), ("refl", "lora"), ("refl", "full"), ("crd", "lora"),
+                                 ("dmd2", "full")]
