@@ -89,6 +89,7 @@ def test_grad_checkpointing_keeps_only_inputs():
     assert ck < plain / 5, (ck, plain)
 
 
+@pytest.mark.slow  # Dynamo tracing of every adapter state: minutes on a 2-core machine
 def test_compile_parity_per_role():
     ref, bb = _bb(), _bb(compile=True, compile_backend="aot_eager")
     x, s, c = _inputs(ref)

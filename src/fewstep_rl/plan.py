@@ -164,6 +164,51 @@ def saved_bytes_per_sample(transformer: torch.nn.Module, sample_shape: tuple[int
     return total // n, block // n, largest[0] // n
 
 
+#: Role key of a VAE decode in the recorded passes.
+VAE = "<vae decode>"
+
+
+def vae_saved_bytes_per_sample(vae: torch.nn.Module, latent_shape: tuple[int, ...], dtype: torch.dtype
+                               ) -> tuple[int, int]:
+    """(bytes autograd saves, largest batch-sized intermediate) per sample of a VAE decode on the meta device whose
+    input is differentiated (reward back-prop through the decoder); attention as flash SDPA."""
+    params = {p.untyped_storage()._cdata for p in vae.parameters()}
+    seen: dict[int, int] = {}
+    largest = [0]
+    n = 2
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            seen[st._cdata] = max(seen.get(st._cdata, 0), st.nbytes())
+        return t
+
+    class Peak(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == n:
+                    largest[0] = max(largest[0], o.numel() * o.element_size())
+            return out
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # noqa: ANN001, ANN003
+        if attn_mask is not None or kw.get("enable_gqa"):
+            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+    vae.requires_grad_(False)
+    z = torch.zeros((n, *latent_shape), device="meta", dtype=dtype, requires_grad=True)
+    try:
+        torch.nn.functional.scaled_dot_product_attention = flash
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Peak():
+            vae.decode(z, return_dict=False)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    return sum(seen.values()) // n, largest[0] // n
+
+
 def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[list[list[tuple]], Counter, int, int]:
     """Run ``method`` on the tiny architecture (CPU) and return (backward groups of grad-pass shapes, no-grad
     pass shapes, batch_size, group_size). A backward group = the grad passes alive at one ``backward`` call."""
@@ -205,6 +250,16 @@ def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[lis
                 return orig(x, sigma, cond, role)
 
             bb._predict = rec
+            decode = bb.decode
+
+            def dec(x):  # noqa: ANN001 - VAE decodes (reward back-prop keeps the decoder's activations)
+                if torch.is_grad_enabled() and x.requires_grad:
+                    live.append((VAE, tuple(x.shape), False))
+                else:
+                    nograd[(VAE, tuple(x.shape))] += 1
+                return decode(x)
+
+            bb.decode = dec
 
     module, dm, trainer = assemble(resolved, scratch / "run", [Rec()], run_callback=False)
     module.world.backbone_factory = lambda: build_sd3_backbone(
@@ -268,8 +323,8 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
         t = build_transformer(a, "meta", dtype)
         vae = build_vae(a, "meta", dtype)
         _META[key] = (t, sum(p.numel() for p in t.parameters()),
-                      sum(p.numel() for p in vae.parameters()) if vae is not None else 0, {}, [False])
-    t, base, vae_n, cache, adapted = _META[key]
+                      sum(p.numel() for p in vae.parameters()) if vae is not None else 0, {}, [False], vae)
+    t, base, vae_n, cache, adapted, vae = _META[key]
     role_n = lora_params(t, targets, wc.lora_rank) if roles == "lora" else base
     shard = devices if strategy == "fsdp2" else 1
     lines: list[tuple[str, float]] = [
@@ -311,21 +366,34 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
             cache[mode] = saved_bytes_per_sample(t, sample_shape, tokens, dim, pooled, dtype, mode)
         return cache[mode]
 
+    def vae_sample() -> tuple[int, int]:
+        if "vae" not in cache:
+            cache["vae"] = vae_saved_bytes_per_sample(vae, sample_shape, dtype) + (0,)
+        return cache["vae"][:2]
+
+    def saved(role: str, shape: tuple, tr: bool) -> int:
+        if role == VAE:
+            return shape[0] * vae_sample()[0] if vae is not None else 0
+        return shape[0] * per_sample(tr)[0]
+
     act = 0
     biggest_group: list = []
     for g in groups:
-        s = sum(shape[0] * per_sample(tr)[0] for _role, shape, tr in g)
+        s = sum(saved(*p) for p in g)
         if s > act:
             act, biggest_group = s, g
-    block = max((shape[0] * per_sample(tr)[1] for g in groups for _r, shape, tr in g), default=0)
-    nograd_b = max((shape[0] for (_r, shape) in nograd), default=0)
-    transient = max(nograd_b * per_sample(False)[2], 2 * block)
+    block = max((shape[0] * per_sample(tr)[1] for g in groups for r, shape, tr in g if r != VAE), default=0)
+    nograd_b = max((shape[0] for (r, shape) in nograd if r != VAE), default=0)
+    dec_b = max((shape[0] for (r, shape) in nograd if r == VAE), default=0)
+    transient = max(nograd_b * per_sample(False)[2], 2 * block,
+                    3 * dec_b * vae_sample()[1] if vae is not None and dec_b else 0)
     lines.append((f"activations: largest backward group ({len(biggest_group)} grad passes)", act / GiB))
-    lines.append(("transient: backward / largest no-grad pass working set", transient / GiB))
+    lines.append(("transient: backward / largest no-grad pass or decode working set", transient / GiB))
     static = sum(v for _, v in lines[:-2])
     micro = hasattr(resolved.method, "micro_batches") or hasattr(resolved.method, "opt_steps_per_epoch")
     passes = {"backward_groups": len(groups),
               "largest_group": [f"{r}|{'x'.join(map(str, s))}" for r, s, _ in biggest_group],
+              "nograd_decode_max_batch": dec_b,
               "nograd_max_batch": nograd_b,
               "saved_gb_per_sample": {m: v[0] / GiB for m, v in cache.items()}}
     return PlanResult(method, arch, roles, precision, devices, strategy, lines, b, k, act / GiB + transient / GiB,
