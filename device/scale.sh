@@ -30,6 +30,16 @@ print("torch", torch.__version__, "python", platform.python_version(), "cuda", t
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PYEOF
 } > "$W/head.txt"
+write_summary() {
+{
+  cat "$W/head.txt"; echo; echo "## measured"; cat "$W/table.md" 2>/dev/null; echo
+  echo "## measured peak vs fewstep-rl plan"; cat "$W/compare.md" 2>/dev/null || echo "(pending)"; echo
+  echo "## plan rows log"; grep -v "available:\|Tip:" "$W/plan_rows.log" 2>/dev/null | tail -n 20; echo
+  echo "## bench log (tail)"; tail -n 40 "$W/bench.log" 2>/dev/null; echo
+  echo "## plan"; cat "$W/plan.txt" 2>/dev/null
+  echo; echo "# total wall $(( $(date +%s) - start )) s"
+} > "$D/summary.txt"
+}
 echo "[scale] plan estimates of the same rows + fewstep-rl plan lines, in the background (CPU, meta device)"
 (
   timeout "$DEADLINE" $PY benchmarks/scale.py "${ARGS[@]}" --device cpu --dtype bfloat16 --roles lora \
@@ -45,18 +55,15 @@ echo "[scale] plan estimates of the same rows + fewstep-rl plan lines, in the ba
 ) &
 PLAN_PID=$!
 echo "[scale] rows (LoRA roles for every method, full copies for refl)"
-$PY benchmarks/scale.py "${ARGS[@]}" --roles lora --full-methods refl --deadline "$DEADLINE" \
-    --out "$W/rows.json" > "$W/table.md" 2> "$W/bench.log"
+$PY benchmarks/scale.py "${ARGS[@]}" --roles lora --full-methods refl \
+    --deadline "$(( DEADLINE - ($(date +%s) - start) ))" --out "$W/rows.json" > "$W/table.md" 2> "$W/bench.log"
 echo "[scale] bench rc=$? after $(( $(date +%s) - start )) s"
-wait $PLAN_PID; echo "[scale] plan rc=$? after $(( $(date +%s) - start )) s"
+write_summary  # a first version now, in case the plan part is cut short
+left=$(( DEADLINE + 20 - ($(date +%s) - start) ))
+for _ in $(seq 1 $(( left > 0 ? left : 1 ))); do kill -0 $PLAN_PID 2>/dev/null || break; sleep 1; done
+pkill -P $PLAN_PID 2>/dev/null; kill $PLAN_PID 2>/dev/null  # (by id: only if the plan part overran)
+echo "[scale] plan part done after $(( $(date +%s) - start )) s"
 $PY benchmarks/scale.py --compare "$W/rows.json" "$W/plans.json" > "$W/compare.md" 2>&1
-{
-  cat "$W/head.txt"; echo; echo "## measured"; cat "$W/table.md"; echo
-  echo "## measured peak vs fewstep-rl plan"; cat "$W/compare.md"; echo
-  echo "## plan rows log"; tail -n 20 "$W/plan_rows.log"; echo
-  echo "## bench log (tail)"; tail -n 40 "$W/bench.log"; echo
-  echo "## plan"; cat "$W/plan.txt"
-  echo; echo "# total wall $(( $(date +%s) - start )) s"
-} > "$D/summary.txt"
+write_summary
 tar -czf "$D/logs.tar.gz" -C "$W" . 2>/dev/null
 echo "[scale] done in $(( $(date +%s) - start )) s -> $D/summary.txt"
