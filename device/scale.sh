@@ -18,7 +18,7 @@ if [ "$QUICK" = 1 ]; then
   ARGS=(--arch tiny --device "$DEVICE" --max-batch 2 --max-group 2 --time-cap 8 --row-timeout 90 --methods "$ROWS")
   ARCH=tiny
 else
-  ARGS=(--arch sd3.5-medium --device "$DEVICE" --max-batch 2 --max-group 2 --time-cap 12 --row-timeout 60 \
+  ARGS=(--arch sd3.5-medium --device "$DEVICE" --max-batch 2 --max-group 2 --time-cap 12 --row-timeout 90 \
         --methods "$ROWS")
   ARCH=sd3.5-medium
 fi
