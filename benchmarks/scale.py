@@ -85,6 +85,55 @@ def scaled_overrides(cfg: object, method: str, max_batch: int, max_group: int) -
     return over
 
 
+class SavedBytes:
+    """Bytes autograd really keeps (distinct storages, parameters excluded) between two ``backward`` calls, the
+    largest such group over the timed iterations: the measured counterpart of ``fewstep-rl plan``'s activation line
+    (``--saved-bytes``; on the CPU, where there is no allocator peak to compare with)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.group: dict[int, int] = {}
+        self.ctx = None
+        self.orig_backward = None
+
+    def enter(self, backbone) -> None:  # noqa: ANN001
+        import torch
+
+        if self.ctx is not None:
+            return
+        params = {q.untyped_storage().data_ptr() for q in backbone.parameters()}
+
+        def pack(t):  # noqa: ANN001
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                self.group[st.data_ptr()] = max(self.group.get(st.data_ptr(), 0), st.nbytes())
+            return t
+
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self.ctx.__enter__()
+        self.orig_backward = orig = torch.Tensor.backward
+
+        def backward(t, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            self.close_group()
+            return orig(t, *args, **kwargs)
+
+        torch.Tensor.backward = backward
+
+    def close_group(self) -> None:
+        self.peak = max(self.peak, sum(self.group.values()))
+        self.group = {}
+
+    def exit(self) -> None:
+        import torch
+
+        if self.ctx is None:
+            return
+        self.close_group()
+        self.ctx.__exit__(None, None, None)
+        torch.Tensor.backward = self.orig_backward
+        self.ctx = None
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -121,7 +170,7 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
     wc = resolved.world
     times: list[float] = []
-    state: dict = {}
+    state: dict = {"saved": SavedBytes()}
 
     class Timer(L.Callback):
         def on_train_start(self, trainer, pl_module):  # noqa: ANN001
@@ -133,6 +182,8 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
             _sync(a.device)
             state["rec"].on = int(batch["pos"]) >= a.warmup
+            if a.saved_bytes and state["rec"].on:
+                state["saved"].enter(pl_module.backbone)
             self.t = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
@@ -140,6 +191,7 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
             dt = time.perf_counter() - self.t
             pos = int(batch["pos"])
             state["rec"].on = False
+            state["saved"].exit()
             if pos < a.warmup:
                 state["warm_s"] = state.get("warm_s", 0.0) + dt
             else:
@@ -191,6 +243,7 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
         "mfu": (flops / n / step / (a.peak_tflops * 1e12)) if a.peak_tflops and flops is not None else None,
         "flop_error": flop_error,
         "peak_mem_gb": peak / 2**30 if peak is not None else None,
+        "saved_peak_gb": state["saved"].peak / 2**30 if a.saved_bytes else None,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "base_gb": base_bytes / 2**30, "vae_gb": vae_bytes / 2**30, "embed_gb": emb_bytes / 2**30,
         "roles_gb": {r: v / 2**30 for r, v in role_bytes.items()},
@@ -226,6 +279,13 @@ def fmt_compare(rows: list[dict], plans: list[dict]) -> str:
         if "error" in r or p is None:
             continue
         meas = r["peak_mem_gb"]
+        if meas is None and r.get("saved_peak_gb") is not None:
+            plan_act = next(v for k, v in p["lines"] if k.startswith("activations"))
+            err = (plan_act - r["saved_peak_gb"]) / r["saved_peak_gb"] if r["saved_peak_gb"] else float("nan")
+            errs.append(abs(err))
+            lines.append(f"| {r['row']} | {r['roles']} | activations kept for backward: {1024 * r['saved_peak_gb']:.3g} MiB "
+                         f"(CPU) | {1024 * plan_act:.3g} MiB (activation line) | {100 * err:+.1f}% |")
+            continue
         if meas is None:
             lines.append(f"| {r['row']} | {r['roles']} | n/a (CPU) | {p['plan_gb']:.3g} ({p['static_gb']:.3g} + "
                          f"{p['activations_gb']:.3g}) | n/a |")
@@ -282,6 +342,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attention-backend", default="auto", help="world.attention_backend (auto, flash, ...)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="world.grad_checkpointing")
     ap.add_argument("--compile", action="store_true", help="world.compile (torch.compile the transformer)")
+    ap.add_argument("--saved-bytes", action="store_true",
+                    help="also measure the bytes autograd keeps per backward group (the plan's activation line)")
     ap.add_argument("--deadline", type=float, default=None, help="skip the rows left after this many seconds")
     ap.add_argument("--plan-only", action="store_true",
                     help="no benchmark: write fewstep-rl plan's estimates of the same rows (JSON to --out)")
@@ -358,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--resolution", str(a.resolution), "--max-batch", str(a.max_batch), "--max-group", str(a.max_group),
                 "--warmup", str(a.warmup), "--iters", str(a.iters), "--time-cap", str(a.time_cap),
                 "--threads", str(a.threads), "--attention-backend", a.attention_backend] \
+        + (["--saved-bytes"] if a.saved_bytes else []) \
         + (["--grad-checkpointing"] if a.grad_checkpointing else []) + (["--compile"] if a.compile else []) \
         + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
     rows = []
