@@ -108,3 +108,22 @@ def test_job_order_puts_full_copies_next_to_their_lora_row(scale):
     a = scale.parse(["--device", "cpu", "--methods", "rtdmd,refl,crd", "--full-methods", "refl,dmd2"])
     assert scale.job_list(a) == [("rtdmd", "lora"), ("refl", "lora"), ("refl", "full"), ("crd", "lora"),
                                  ("dmd2", "full")]
+
+
+def test_saved_bytes_counts_one_backward_group(scale):
+    """exp saves its output (1000 fp32 = 4000 bytes); the parameter w saved by mul is excluded."""
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.ones(1000))
+    sb = scale.SavedBytes()
+    orig = torch.Tensor.backward
+    sb.enter(m)
+    try:
+        x = torch.zeros(1000, requires_grad=True)
+        (x.exp() * m.w).sum().backward()   # mul saves exp's output (shared storage) and w (excluded)
+        assert sb.peak == 4000
+        y = torch.zeros(10, requires_grad=True)
+        y.exp().sum().backward()            # a smaller later group does not lower the peak
+        assert sb.peak == 4000
+    finally:
+        sb.exit()
+    assert torch.Tensor.backward is orig  # restored
