@@ -8,7 +8,7 @@ EXTRAS ?= dev,diffusers,logging
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults compare-toy2d compare-shapes
+.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults compare-toy2d compare-shapes bench-scale
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ validate: install ## slow: every reward-driven method on 10 random multimodal to
 
 bench: install ## per-method step time vs. its own network passes, and peak memory
 	$(PY) benchmarks/bench_methods.py
+
+bench-scale: install ## every method at SD3.5-M size on CUDA (random bf16 weights, MFU, peak memory); tiny width on CPU
+	$(PY) benchmarks/scale.py $(BENCH_SCALE_ARGS)
 
 smoke-cuda: install ## every method, 4 bf16-mixed iterations on the default world, on CUDA (needs a GPU)
 	@mkdir -p runs/smoke-cuda; for m in $$($(PY) -c "from fewstep_rl import registry; print(' '.join(registry.names('methods')))"); do \

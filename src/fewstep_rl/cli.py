@@ -13,6 +13,8 @@
     fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--calibration_steps N] [--minutes M] [--out DIR]
     fewstep-rl validate --method M [--worlds N] [--seed S] [--family all|2d|8d] [--reward auto|mixed|linear|region]
                    [--steps N] [--jobs J] [--eval_samples N] [--config FILE ...] [--out DIR]
+    fewstep-rl plan --method M --world sd3 --arch sd3.5-medium [--roles lora|full] [--precision bf16]
+                   [--devices N --strategy fsdp2] [--memory GB]
 
 Departure from architecture.md §3 (which names LightningCLI): the parser is our own, over typed dataclasses,
 because the public config layout (``method``/``world``/``rewards``/``trainer`` sections, ``--method.KEY``
@@ -411,8 +413,15 @@ def cmd_compare(argv: list[str]) -> int:
     return run_compare(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    """``fewstep-rl plan --method M --world sd3 --arch sd3.5-medium ...``: memory per role, largest batch."""
+    from fewstep_rl.plan import cmd_plan as run_plan
+
+    return run_plan(argv)
+
+
 COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world,
-            "validate": cmd_validate, "compare": cmd_compare}
+            "validate": cmd_validate, "compare": cmd_compare, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,8 @@ class SD3Backbone(Backbone):
         max_sequence_length: T5 token count (the pipeline's ``max_sequence_length``).
         prompt_cache_size: how many prompt encodings to keep (LRU; 0 disables; the null prompt is always kept).
         default_shift: the world's scheduler shift (``None`` when the directory has no scheduler config).
+        text_embedder: optional module ``prompts -> (seq, pooled)`` used instead of the text encoders (then
+            ``clips`` may be empty): precomputed embeddings for benchmarks (:mod:`fewstep_rl.perf.arch`).
 
     Attributes:
         transformer: the frozen base (with LoRA layers injected in ``lora`` mode).
@@ -131,13 +133,16 @@ class SD3Backbone(Backbone):
         max_sequence_length: int = 256,
         prompt_cache_size: int = 256,
         default_shift: float | None = None,
+        text_embedder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if roles_mode not in ("lora", "full"):
             raise ValueError(f"roles_mode must be 'lora' or 'full', got {roles_mode!r}")
-        if not 1 <= len(clips) <= 2:
+        if not (0 if text_embedder is not None else 1) <= len(clips) <= 2:
             raise BackboneLoadError(f"sd3 needs one or two CLIP (tokenizer, encoder) pairs, got {len(clips)}")
-        _check_fit(transformer, clips, t5, vae)
+        if clips:
+            _check_fit(transformer, clips, t5, vae)
+        self.text_embedder = text_embedder
         self.roles_mode = roles_mode
         self.lora_rank, self.lora_alpha = int(lora_rank), float(lora_alpha)
         self.transformer = transformer
@@ -314,6 +319,8 @@ class SD3Backbone(Backbone):
         return {"seq": torch.cat([r[0] for r in rows]), "pooled": torch.cat([r[1] for r in rows])}
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        if self.text_embedder is not None:
+            return self.text_embedder(prompts)
         clips = list(zip(self.clip_tokenizers, self.clip_encoders))
         t5 = (self.t5_tokenizer, self.t5_encoder) if self.t5_encoder is not None else None
         return sd3_prompt_embeds(clips, t5, prompts, self.joint_dim, self.max_sequence_length)

@@ -46,6 +46,11 @@ class SD3WorldConfig:
     lora_targets: list[str] | None = knob(None, "module names to adapt (default: attention q/k/v/out + MLPs)")
     dtype: Literal["float32", "bfloat16", "float16"] = knob("float32", "dtype the frozen components load in")
     max_sequence_length: int = knob(256, "T5 tokens per prompt")
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = knob(
+        "auto", "SDPA backend of every transformer pass (fewstep_rl.perf.speed)")
+    compile: bool = knob(False, "torch.compile the transformer (one graph per active adapter set)")
+    compile_backend: str = knob("inductor", "torch.compile backend (inductor; aot_eager for debugging)")
+    grad_checkpointing: bool = knob(False, "recompute grad passes in backward (activation checkpointing)")
 
     def __post_init__(self) -> None:
         if self.lora_rank < 1 or self.lora_alpha <= 0:
@@ -102,15 +107,23 @@ class SD3World(World):
             raise ValueError(f"world.resolution {self.cfg.resolution} is not a multiple of the VAE factor {factor}")
         return int(self.cfg.resolution) // factor
 
+    #: In-memory hook (``benchmarks/scale.py``): a callable returning the backbone instead of loading ``world.path``.
+    backbone_factory: Any = None
+
     def build_backbone(self) -> Any:
         from fewstep_rl.backbones.sd3 import SD3Backbone
+        from fewstep_rl.perf.speed import apply_speed
 
         c = self.cfg
-        return SD3Backbone.from_pretrained(
-            self.dir, roles_mode=c.roles_mode, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-            lora_targets=c.lora_targets, dtype=_DTYPES[c.dtype], resolution=self.latent_side(),
-            max_sequence_length=c.max_sequence_length,
-        )
+        if self.backbone_factory is not None:
+            bb = self.backbone_factory()
+        else:
+            bb = SD3Backbone.from_pretrained(
+                self.dir, roles_mode=c.roles_mode, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+                lora_targets=c.lora_targets, dtype=_DTYPES[c.dtype], resolution=self.latent_side(),
+                max_sequence_length=c.max_sequence_length,
+            )
+        return apply_speed(bb, c.attention_backend, c.compile, c.compile_backend, c.grad_checkpointing)
 
     @property
     def train_prompts(self) -> list[str]:

@@ -1,0 +1,64 @@
+"""Speed flags of the ``sd3`` world, applied to a built backbone (``world.attention_backend``, ``world.compile``,
+``world.grad_checkpointing``).
+
+* **attention backend** — every transformer pass runs inside ``torch.nn.attention.sdpa_kernel`` with the chosen
+  SDPA backend (``flash``, ``efficient``, ``cudnn``, ``math``; ``auto`` leaves PyTorch's choice);
+* **torch.compile** — ``transformer.compile(backend=...)`` (in place; Dynamo guards on the peft adapter state, so
+  each active-adapter set gets its own graph — one graph per role, recompiled only when a new role is first used);
+* **activation checkpointing** — grad passes run through ``torch.utils.checkpoint`` (non-reentrant) at the level of
+  the whole ``_predict`` call: autograd keeps only the pass's inputs and recomputes the forward during backward.
+  The recomputation calls ``_predict(x, σ, cond, role)`` again, which re-activates *that pass's* role, so roles
+  interleaved in one graph (the hazard the sd3 backbone's docstring warns about for per-block checkpointing inside
+  diffusers) still differentiate the right adapter.
+
+bf16 with fp32 math needs no flag: with ``world.dtype: bfloat16`` (and ``trainer.precision: bf16-mixed``) the
+transformer runs in bf16 while the sampler state, velocities (``_predict`` casts its output back to the input's
+dtype), log-probabilities and losses stay float32 (the methods create their noise in the module's float32 dtype).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def _sdpa_context(backend: str) -> Any:
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+    return sdpa_kernel([kind])
+
+
+def apply_speed(backbone: Any, attention_backend: str = "auto", compile: bool = False,
+                compile_backend: str = "inductor", grad_checkpointing: bool = False) -> Any:
+    """Install the flags on ``backbone`` (wraps its ``_predict`` on the instance; compiles the transformers)."""
+    if attention_backend not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}")
+    if compile:
+        for t in (backbone.transformer, *getattr(backbone, "copies", {}).values()):
+            t.compile(backend=compile_backend, dynamic=False)
+    if attention_backend == "auto" and not grad_checkpointing:
+        return backbone
+    inner = backbone._predict
+
+    def run(x: Tensor, sigma: Tensor, seq: Tensor, pooled: Tensor, role: str | None) -> Tensor:
+        with _sdpa_context(attention_backend):
+            return inner(x, sigma, {"seq": seq, "pooled": pooled}, role)
+
+    def predict(x: Tensor, sigma: Tensor, cond: dict[str, Tensor], role: str | None) -> Tensor:
+        if grad_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(run, x, sigma, cond["seq"], cond["pooled"], role, use_reentrant=False)
+        return run(x, sigma, cond["seq"], cond["pooled"], role)
+
+    backbone._predict = predict
+    return backbone

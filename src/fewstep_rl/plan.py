@@ -1,0 +1,454 @@
+"""``fewstep-rl plan``: accelerator memory of a method at a real architecture, per role, and the largest batch.
+
+    fewstep-rl plan --method rtdmd --world sd3 --arch sd3.5-medium [--roles lora|full] [--precision bf16]
+                    [--devices N --strategy fsdp2] [--memory GB]
+
+The estimate is built from counts, not from a fit:
+
+* **weights** — parameter counts of the architecture built on the meta device (:mod:`fewstep_rl.perf.arch`): the
+  frozen base transformer and VAE, the text encoders (CLIP-L + CLIP-G + T5-XXL, 5.6 B parameters for SD3.5;
+  ``--precomputed-text`` drops them as ``benchmarks/scale.py`` does), each role's LoRA adapter (r·(in+out) per
+  target linear) or full copy;
+* **gradients and optimiser state** — every trainable role: one gradient + AdamW's two moments, in the role's dtype;
+* **activations** — the grad passes the method makes are *counted*: the method runs a few iterations at the
+  ``tiny`` width on the CPU (the real code path, the preset's batch structure) with every transformer pass and every
+  ``backward`` recorded; passes between two backward calls are alive together. Each such pass is then replayed at
+  the real width on the meta device (no memory, no FLOPs) under ``saved_tensors_hooks``, which sums the bytes of the
+  distinct tensors autograd keeps for backward (parameters excluded). The peak activation memory is the largest
+  sum over one backward group. A no-grad pass adds its largest live intermediate, the backward twice the largest
+  per-layer saving (the gradient buffers autograd allocates while it walks back); the prompt-embedding cache
+  (``--prompt-cache``) is added too.
+
+``--devices N --strategy fsdp2`` divides weights, gradients and optimiser state by N (FSDP2 shards every unit of
+``Backbone.fsdp_units``) and adds one gathered transformer block; activations are per device. The largest batch
+that fits ``--memory`` GB scales the activations linearly in ``batch_size`` (for micro-batched RL methods the
+grad passes are micro-batches, so the bound is on the micro-batch; the line says so).
+
+Departure: the activation replay uses the math attention of the meta device with attention probabilities
+(``B × heads × L × L`` tensors) excluded, i.e. the flash / memory-efficient SDPA backends the GPU uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+
+GiB = 2**30
+_META: dict = {}
+_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclasses.dataclass
+class PlanResult:
+    method: str
+    arch: str
+    roles_mode: str
+    precision: str
+    devices: int
+    strategy: str
+    lines: list[tuple[str, float]]          # (item, GiB per device)
+    batch_size: int
+    group_size: int
+    activations_gb: float
+    static_gb: float
+    passes: dict[str, Any]
+    micro_batched: bool
+
+    @property
+    def total_gb(self) -> float:
+        return sum(v for _, v in self.lines)
+
+    def max_batch(self, memory_gb: float) -> int:
+        """Largest ``batch_size`` with ``static + activations·b/batch_size ≤ memory`` (0: the static part alone
+        does not fit)."""
+        free = memory_gb - (self.total_gb - self.activations_gb)
+        if free <= 0:
+            return 0
+        per = self.activations_gb / self.batch_size if self.activations_gb > 0 else 0.0
+        return 10**6 if per == 0 else int(free // per)
+
+    def format(self, memory_gb: float | None = None) -> str:
+        head = (f"plan: {self.method} on {self.arch}, {self.roles_mode} roles, {self.precision}, "
+                f"{self.devices} device(s){' fsdp2' if self.strategy == 'fsdp2' else ''}, "
+                f"batch_size {self.batch_size} × group {self.group_size}")
+        rows = [head, f"  {'item':<58} {'GiB/device':>10}"]
+        rows += [f"  {k:<58} {v:>10.2f}" for k, v in self.lines]
+        rows.append(f"  {'total (estimated peak)':<58} {self.total_gb:>10.2f}")
+        if memory_gb is not None:
+            b = self.max_batch(memory_gb)
+            what = "micro-batch-equivalent batch_size" if self.micro_batched else "batch_size"
+            rows.append(f"  largest {what} that fits {memory_gb:g} GiB: {b if b < 10**6 else 'unbounded'}"
+                        + ("" if b else " (the weights and optimiser state alone do not fit)"))
+        return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------- counting
+def lora_params(transformer: torch.nn.Module, targets: list[str], rank: int) -> int:
+    """Σ r·(in + out) over the linear layers a LoRA adapter wraps (peft's A: r×in, B: out×r)."""
+    n = 0
+    for name, mod in transformer.named_modules():
+        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            n += rank * (mod.in_features + mod.out_features)
+    return n
+
+
+#: Parameter counts of SD3.5's text encoders (CLIP ViT-L/14 text 123.7 M, OpenCLIP ViT-bigG/14 text 694.7 M,
+#: T5-XXL encoder 4.762 B), from their transformers configs.
+SD3_TEXT_ENCODER_PARAMS = 123_650_304 + 694_659_840 + 4_762_310_656
+
+
+def saved_bytes_per_sample(transformer: torch.nn.Module, sample_shape: tuple[int, ...], tokens: int, dim: int,
+                           pooled: int, dtype: torch.dtype, mode: str) -> tuple[int, int, int]:
+    """(bytes autograd saves, largest per-block saving, largest batch-sized intermediate) per sample of a forward
+    on the meta device (two samples, halved). ``mode``: ``"full"`` the weights are trained (a full-copy role);
+    ``"lora"`` the transformer carries a LoRA adapter ``bench`` that is trained (the base frozen); ``"input"`` the
+    weights are frozen and the input is differentiated (a frozen role's grad pass). Parameters are excluded;
+    attention runs as the flash SDPA kernel (saves q, k, v, out, logsumexp), as on the GPU."""
+    params = {p.untyped_storage()._cdata for p in transformer.parameters()}
+    seen: dict[int, int] = {}
+    largest = [0]
+    n = 2
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in params:
+            seen[key] = max(seen.get(key, 0), st.nbytes())
+        return t
+
+    per_block: list[int] = []
+
+    def pre(mod: Any, args: Any, kwargs: Any = None) -> None:
+        per_block.append(sum(seen.values()))
+
+    hooks = [b.register_forward_pre_hook(pre) for b in transformer.transformer_blocks]
+
+    class Peak(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == n:
+                    largest[0] = max(largest[0], o.numel() * o.element_size())
+            return out
+
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # noqa: ANN001, ANN003
+        if attn_mask is not None or kw.get("enable_gqa"):
+            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    has_lora = any(".lora_" in name for name, _ in transformer.named_parameters())
+    for name, p in transformer.named_parameters():
+        p.requires_grad_(mode == "full" or (mode == "lora" and ".lora_" in name))
+    if has_lora:
+        transformer.enable_adapters() if mode == "lora" else transformer.disable_adapters()
+    x = torch.zeros((n, *sample_shape), device="meta", dtype=dtype, requires_grad=mode == "input")
+    seq = torch.zeros((n, tokens, dim), device="meta", dtype=dtype)
+    pool = torch.zeros((n, pooled), device="meta", dtype=dtype)
+    try:
+        torch.nn.functional.scaled_dot_product_attention = flash
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Peak():
+            transformer(hidden_states=x, timestep=torch.full((n,), 500.0, device="meta"),
+                        encoder_hidden_states=seq, pooled_projections=pool, return_dict=False)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    total = sum(seen.values())
+    marks = [*per_block, total]
+    block = max((b - a for a, b in zip(marks, marks[1:])), default=total)
+    return total // n, block // n, largest[0] // n
+
+
+#: Role key of a VAE decode in the recorded passes.
+VAE = "<vae decode>"
+
+
+def vae_saved_bytes_per_sample(vae: torch.nn.Module, latent_shape: tuple[int, ...], dtype: torch.dtype
+                               ) -> tuple[int, int]:
+    """(bytes autograd saves, largest batch-sized intermediate) per sample of a VAE decode on the meta device whose
+    input is differentiated (reward back-prop through the decoder); attention as flash SDPA."""
+    params = {p.untyped_storage()._cdata for p in vae.parameters()}
+    seen: dict[int, int] = {}
+    largest = [0]
+    n = 2
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            seen[st._cdata] = max(seen.get(st._cdata, 0), st.nbytes())
+        return t
+
+    class Peak(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == n:
+                    largest[0] = max(largest[0], o.numel() * o.element_size())
+            return out
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # noqa: ANN001, ANN003
+        if attn_mask is not None or kw.get("enable_gqa"):
+            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+    vae.requires_grad_(False)
+    z = torch.zeros((n, *latent_shape), device="meta", dtype=dtype, requires_grad=True)
+    try:
+        torch.nn.functional.scaled_dot_product_attention = flash
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Peak():
+            vae.decode(z, return_dict=False)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    return sum(seen.values()) // n, largest[0] // n
+
+
+def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[list[list[tuple]], Counter, int, int]:
+    """Run ``method`` on the tiny architecture (CPU) and return (backward groups of grad-pass shapes, no-grad
+    pass shapes, batch_size, group_size). A backward group = the grad passes alive at one ``backward`` call."""
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    import lightning as L
+
+    from fewstep_rl.perf.arch import build_sd3_backbone, get_arch
+    from fewstep_rl.run import assemble, resolve
+
+    scratch = Path(tempfile.mkdtemp(prefix="plan-"))
+    prompts = [f"prompt {i}" for i in range(8)]
+    (scratch / "p.txt").write_text("\n".join(prompts))
+    over = {"world.path": str(scratch), "world.prompts": str(scratch / "p.txt"), "world.resolution": 64,
+            "world.dtype": "float32", "rewards": [{"name": "fewstep_rl.perf.bench_reward:MeanPixelReward"}],
+            "trainer.accelerator": "cpu", "trainer.precision": "32-true", "trainer.max_steps": iterations,
+            "trainer.run_dir": str(scratch / "run"), "trainer.progress_bar": False, "trainer.log_every": 10**6,
+            **overrides}
+    resolved = resolve(method, "sd3", (), over)
+    groups: list[list[tuple]] = []
+    live: list[tuple] = []
+    nograd: Counter = Counter()
+    arch = get_arch("tiny")
+    wc = resolved.world
+
+    class Rec(L.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            bb = pl_module.backbone
+            orig = bb._predict
+
+            def rec(x, sigma, cond, role):  # noqa: ANN001
+                trainable = role is not None and bb.trainable.get(role, False)
+                if torch.is_grad_enabled():
+                    live.append((role, tuple(x.shape), trainable))
+                else:
+                    nograd[(role, tuple(x.shape))] += 1
+                return orig(x, sigma, cond, role)
+
+            bb._predict = rec
+            decode = bb.decode
+
+            def dec(x):  # noqa: ANN001 - VAE decodes (reward back-prop keeps the decoder's activations)
+                if torch.is_grad_enabled() and x.requires_grad:
+                    live.append((VAE, tuple(x.shape), False))
+                else:
+                    nograd[(VAE, tuple(x.shape))] += 1
+                return decode(x)
+
+            bb.decode = dec
+
+    module, dm, trainer = assemble(resolved, scratch / "run", [Rec()], run_callback=False)
+    module.world.backbone_factory = lambda: build_sd3_backbone(
+        arch, prompts, device="cpu", dtype=torch.float32, resolution=64, roles_mode=wc.roles_mode,
+        lora_rank=wc.lora_rank, lora_alpha=wc.lora_alpha)
+    orig_backward = torch.Tensor.backward
+
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if live:
+            groups.append(list(live))
+            live.clear()
+        return orig_backward(self, *args, **kwargs)
+
+    torch.Tensor.backward = backward  # type: ignore[method-assign]
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning",
+                                                "lightning.pytorch.utilities.rank_zero")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, datamodule=dm)
+    finally:
+        torch.Tensor.backward = orig_backward  # type: ignore[method-assign]
+        for lg, lv in zip(quiet, levels, strict=True):
+            lg.setLevel(lv)
+    if live:
+        groups.append(list(live))
+    b, k = module.batch_spec()
+    return groups, nograd, b, k
+
+
+def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", precision: str = "bf16",
+              devices: int = 1, strategy: str = "auto", resolution: int = 512, overrides: dict | None = None,
+              precomputed_text: bool = False, prompt_cache: int = 256) -> PlanResult:
+    """The memory plan (see the module docstring). ``overrides``: extra ``method.*`` config keys (dotted)."""
+    from fewstep_rl.perf.arch import build_transformer, build_vae, get_arch
+    from fewstep_rl.run import resolve
+
+    if precision not in _BYTES:
+        raise ValueError(f"precision must be one of {', '.join(_BYTES)}, got {precision!r}")
+    if roles not in ("lora", "full"):
+        raise ValueError(f"roles must be 'lora' or 'full', got {roles!r}")
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    a = get_arch(arch)
+    wbytes = _BYTES[precision]
+    dtype = {2: torch.bfloat16, 4: torch.float32}[wbytes]
+    over = {"world.roles_mode": roles, **(overrides or {})}
+    scratch_over = {"world.path": ".", "world.prompts": __file__}
+    resolved = resolve(method, "sd3", (), {**scratch_over, **over})
+    wc, mcls = resolved.world, resolved.method_cls
+    trainable = list(mcls.trainable_roles)
+    snapshots = list(mcls.snapshot_roles)
+    from fewstep_rl.backbones.sd3 import DEFAULT_LORA_TARGETS
+
+    targets = list(wc.lora_targets or DEFAULT_LORA_TARGETS)
+    key = (arch, precision, roles, wc.lora_rank, wc.lora_alpha, tuple(targets), resolution)
+    if key not in _META:  # the meta-device model and its replays, shared by plans of the same configuration
+        t = build_transformer(a, "meta", dtype)
+        vae = build_vae(a, "meta", dtype)
+        _META[key] = (t, sum(p.numel() for p in t.parameters()),
+                      sum(p.numel() for p in vae.parameters()) if vae is not None else 0, {}, [False], vae)
+    t, base, vae_n, cache, adapted, vae = _META[key]
+    role_n = lora_params(t, targets, wc.lora_rank) if roles == "lora" else base
+    shard = devices if strategy == "fsdp2" else 1
+    lines: list[tuple[str, float]] = [
+        (f"base transformer ({base / 1e9:.2f} B params)", base * wbytes / GiB / shard),
+        (f"VAE ({vae_n / 1e6:.0f} M params)", vae_n * wbytes / GiB / shard),
+    ]
+    if not precomputed_text and arch != "tiny":
+        lines.append(("text encoders (CLIP-L, CLIP-G, T5-XXL)", SD3_TEXT_ENCODER_PARAMS * wbytes / GiB / shard))
+    tokens = a.text_tokens
+    dim, pooled = int(t.config.joint_attention_dim), int(t.config.pooled_projection_dim)
+    lines.append((f"prompt-embedding cache ({prompt_cache} prompts)",
+                  prompt_cache * (tokens * dim + pooled) * wbytes / GiB))
+    what = "LoRA adapter" if roles == "lora" else "full copy"
+    for r in trainable:
+        lines.append((f"role {r}: {what} weights", role_n * wbytes / GiB / shard))
+        lines.append((f"role {r}: gradients", role_n * wbytes / GiB / shard))
+        lines.append((f"role {r}: AdamW moments (2)", 2 * role_n * wbytes / GiB / shard))
+    for r in snapshots:
+        lines.append((f"role {r}: {what} weights (snapshot)", role_n * wbytes / GiB / shard))
+    if shard > 1:
+        blk = max(sum(p.numel() for p in b.parameters()) for b in t.transformer_blocks)
+        lines.append(("one gathered transformer block (fsdp2)", blk * wbytes / GiB))
+    # activations from the counted grad passes
+    method_over = {k: v for k, v in over.items() if k.startswith("method.")}
+    groups, nograd, b, k = count_passes(method, {"world.roles_mode": roles, **method_over})
+    side = resolution // a.vae_factor
+    sample_shape = (int(t.config.in_channels), side, side)
+
+    if roles == "lora" and not adapted[0]:
+        from peft import LoraConfig
+
+        t.add_adapter(LoraConfig(r=wc.lora_rank, lora_alpha=wc.lora_alpha, target_modules=targets),
+                      adapter_name="bench")
+        adapted[0] = True
+
+    def per_sample(trainable: bool) -> tuple[int, int, int]:
+        mode = roles if trainable else "input"
+        if mode not in cache:
+            cache[mode] = saved_bytes_per_sample(t, sample_shape, tokens, dim, pooled, dtype, mode)
+        return cache[mode]
+
+    def vae_sample() -> tuple[int, int]:
+        if "vae" not in cache:
+            cache["vae"] = vae_saved_bytes_per_sample(vae, sample_shape, dtype) + (0,)
+        return cache["vae"][:2]
+
+    def saved(role: str, shape: tuple, tr: bool) -> int:
+        if role == VAE:
+            return shape[0] * vae_sample()[0] if vae is not None else 0
+        return shape[0] * per_sample(tr)[0]
+
+    act = 0
+    biggest_group: list = []
+    for g in groups:
+        s = sum(saved(*p) for p in g)
+        if s > act:
+            act, biggest_group = s, g
+    block = max((shape[0] * per_sample(tr)[1] for g in groups for r, shape, tr in g if r != VAE), default=0)
+    nograd_b = max((shape[0] for (r, shape) in nograd if r != VAE), default=0)
+    dec_b = max((shape[0] for (r, shape) in nograd if r == VAE), default=0)
+    transient = max(nograd_b * per_sample(False)[2], 2 * block,
+                    3 * dec_b * vae_sample()[1] if vae is not None and dec_b else 0)
+    lines.append((f"activations: largest backward group ({len(biggest_group)} grad passes)", act / GiB))
+    lines.append(("transient: backward / largest no-grad pass or decode working set", transient / GiB))
+    static = sum(v for _, v in lines[:-2])
+    micro = hasattr(resolved.method, "micro_batches") or hasattr(resolved.method, "opt_steps_per_epoch")
+    passes = {"backward_groups": len(groups),
+              "largest_group": [f"{r}|{'x'.join(map(str, s))}" for r, s, _ in biggest_group],
+              "nograd_decode_max_batch": dec_b,
+              "nograd_max_batch": nograd_b,
+              "saved_gb_per_sample": {m: v[0] / GiB for m, v in cache.items()}}
+    return PlanResult(method, arch, roles, precision, devices, strategy, lines, b, k, act / GiB + transient / GiB,
+                      static, passes, micro)
+
+
+def parse_args(argv: list[str]) -> Any:
+    """``fewstep-rl plan`` flags; a bad flag raises :class:`~fewstep_rl.config.ConfigError` (one line, exit 2)."""
+    import argparse
+
+    from fewstep_rl.config import ConfigError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # one clear line instead of usage + traceback
+            raise ConfigError(f"plan: {message}")
+
+    ap = Parser(prog="fewstep-rl plan", description="accelerator memory per role and the largest batch that fits")
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--world", default="sd3")
+    ap.add_argument("--arch", default="sd3.5-medium")
+    ap.add_argument("--roles", default="lora", choices=["lora", "full"])
+    ap.add_argument("--precision", default="bf16", choices=sorted(_BYTES))
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp2"])
+    ap.add_argument("--memory", type=float, default=None, help="GiB per device: report the largest batch that fits")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--precomputed-text", action="store_true", help="no text encoders (as benchmarks/scale.py)")
+    ap.add_argument("--prompt-cache", type=int, default=256, help="prompt encodings kept (the backbone's LRU)")
+    ap.add_argument("--set", action="append", default=[], help="method.KEY=VALUE (YAML value), repeatable")
+    return ap.parse_args(argv)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """CLI entry (``fewstep-rl plan``)."""
+    import yaml
+
+    from fewstep_rl.config import ConfigError
+    from fewstep_rl.perf.arch import ARCHS
+
+    a = parse_args(argv)
+
+    if a.world != "sd3":
+        raise ConfigError(f"plan: --world must be sd3 (the only world with a real-size architecture), got {a.world!r}")
+    if a.arch not in ARCHS:
+        raise ConfigError(f"plan: unknown --arch {a.arch!r}; known: {', '.join(ARCHS)}")
+    if a.strategy == "fsdp2" and a.devices < 2:
+        raise ConfigError("plan: --strategy fsdp2 needs --devices >= 2")
+    over = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in a.set)}
+    bad = [k for k in over if not k.startswith("method.")]
+    if bad:
+        raise ConfigError(f"plan: --set takes method.KEY=VALUE, got {bad}")
+    try:
+        res = make_plan(a.method, a.arch, a.roles, a.precision, a.devices, a.strategy, a.resolution, over,
+                        a.precomputed_text, a.prompt_cache)
+    except ValueError as e:
+        raise ConfigError(f"plan: {e}") from None
+    print(res.format(a.memory))
+    return 0
