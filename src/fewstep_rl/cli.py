@@ -8,6 +8,7 @@
                    [--guidance G] [--seed S] --out F
     fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
     fewstep-rl list methods|rewards|worlds
+    fewstep-rl reward-server (--config FILE | --rewards a,b) [--host H] [--port P] [--device D] [--max_batch N]
     fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--calibration_steps N] [--minutes M] [--out DIR]
 
 Departure from architecture.md §3 (which names LightningCLI): the parser is our own, over typed dataclasses,
@@ -153,10 +154,17 @@ def _fit(resolved: Any, ckpt_path: str | None) -> int:
     cb = next(c for c in trainer.callbacks if isinstance(c, RunCallback))
     from fewstep_rl.backbones.base import BackboneLoadError
 
+    from fewstep_rl.rewards.remote import RewardServerError
+
     try:
         trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     except BackboneLoadError as e:  # raised while building roles in configure_model: one clear line
         raise ConfigError(str(e)) from None
+    except RewardServerError as e:  # a reward server died or answered garbage: keep the progress, stop
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(ckpt)
+        print(f"error: {e}\ncheckpoint: {ckpt} (resume with --ckpt_path {ckpt})", file=sys.stderr)
+        return 3
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}", file=sys.stderr)
@@ -352,7 +360,14 @@ def cmd_world(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world}
+def cmd_reward_server(argv: list[str]) -> int:
+    from fewstep_rl.serve.server import cmd_reward_server as run
+
+    return run(argv)
+
+
+COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world,
+            "reward-server": cmd_reward_server}
 
 
 def main(argv: list[str] | None = None) -> int:
