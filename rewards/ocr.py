@@ -2,7 +2,8 @@
 
 * ``ocr`` — rapidocr 3.x (PP-OCRv6 ONNX models inside the ``rapidocr`` wheel) on onnxruntime, a black box.
   Reward = ``max(0, 1 − Lev(pred, target) / len(target))`` after lower-casing and removing whitespace from both
-  (Flow-GRPO's OCR reward, arXiv 2505.05470 §4, with its PaddleOCR swapped for rapidocr). By default the image is
+  (Flow-GRPO's OCR reward, arXiv 2505.05470 §4, with its substring shortcut: 1 when the target occurs in the
+  prediction; its PaddleOCR swapped for rapidocr). By default the image is
   read as one text line (recognition only, ``detect: false``); ``detect: true`` runs rapidocr's detector first and
   joins the lines it finds (for full generated images).
 * ``ocr_ctc`` — EasyOCR's English recogniser (``english_g2``: VGG feature extractor + 2 BiLSTMs + linear CTC head,
@@ -64,11 +65,13 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def ocr_accuracy(pred: str, target: str) -> float:
-    """``max(0, 1 − Lev(p, t) / len(t))`` on lower-cased, whitespace-free strings (1 when both are empty)."""
+    """``max(0, 1 − Lev(p, t) / len(t))`` on lower-cased, whitespace-free strings; 1 when ``t`` occurs in ``p``."""
     p = re.sub(r"\s+", "", pred).lower()
     t = re.sub(r"\s+", "", target).lower()
     if not t:
         return 1.0 if not p else 0.0
+    if t in p:  # the substring shortcut of Flow-GRPO's OCR reward: extra text around the target is not penalised
+        return 1.0
     return max(0.0, 1.0 - edit_distance(p, t) / len(t))
 
 

@@ -137,7 +137,7 @@ class RemoteReward(Reward):
             if e.code >= 500:
                 raise _Transient(f"HTTP {e.code}: {detail}") from None
             raise RewardServerError(f"reward server {self.cfg.url} rejected the request (HTTP {e.code}): {detail}") from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise _Transient(f"{type(reason).__name__}: {reason}") from None
 

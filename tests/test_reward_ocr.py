@@ -63,6 +63,7 @@ def test_edit_distance_and_accuracy_hand_checked():
     # "closesesame24" vs "opensesame42": c→o, l→p, o→e, s→n, +e… Lev = 6 over 12 target characters
     assert edit_distance("closesesame24", "opensesame42") == 6
     assert ocr_accuracy("Close Sesame 24", TEXT) == pytest.approx(0.5)
+    assert ocr_accuracy("Big sign: OPEN SESAME 42!", TEXT) == 1.0  # substring shortcut (extra text is free)
     assert ocr_accuracy("", TEXT) == 0.0 and ocr_accuracy("x" * 40, "ab") == 0.0  # clipped at 0
 
 
@@ -132,3 +133,33 @@ def test_bad_weights_path_and_missing_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(_deps.importlib, "import_module", fake_import)
     with pytest.raises(ConfigError, match=r"pip install 'fewstep-rl\[ocr\]'"):
         OcrReward()
+
+
+@pytest.mark.slow  # 200 fwd+bwd passes of the recogniser (~80 s on 2 cores)
+def test_pixel_ascent_through_ocr_ctc_makes_rapidocr_read_the_text(ocr, ocr_ctc):
+    """Gradient ascent on a blank strip's pixels through ``ocr_ctc`` (EasyOCR) raises ``ocr`` (rapidocr, a different
+    model): the CTC reward carries real, transferable text signal. Ink is parametrised at half resolution with a
+    small random shift and noise per step and a push towards black-or-white pixels, so it is written as strokes,
+    not as an adversarial pattern that only EasyOCR reads."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    h, w, prompt = 48, 160, ['"OPEN"']
+    logit = (torch.full((1, 1, h // 2, w // 2), 2.0) + 0.1 * torch.randn(1, 1, h // 2, w // 2)).requires_grad_(True)
+    opt = torch.optim.Adam([logit], lr=0.1)
+
+    def render():
+        return torch.sigmoid(F.interpolate(logit, size=(h, w), mode="bilinear", align_corners=False)).expand(-1, 3, -1, -1)
+
+    start_ocr, start_ctc = ocr(render().detach(), prompt).item(), ocr_ctc(render().detach(), prompt).item()
+    for _ in range(200):
+        g = render()
+        dx, dy = torch.randint(-3, 4, (2,)).tolist()
+        jittered = (torch.roll(g, shifts=(dy, dx), dims=(2, 3)) + 0.15 * torch.randn_like(g)).clamp(0, 1)
+        loss = -ocr_ctc(jittered, prompt).sum() + 2.0 * (g * (1 - g)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end_ocr, end_ctc = ocr(render().detach(), prompt).item(), ocr_ctc(render().detach(), prompt).item()
+    assert start_ocr == 0.0 and start_ctc < -3
+    assert end_ctc > -1.0 and end_ocr >= 0.5, (end_ocr, end_ctc, ocr.read(render().detach()))

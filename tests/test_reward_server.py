@@ -254,9 +254,9 @@ def test_flow_grpo_client_mode():
         def __reduce__(self):
             return (eval, ("1",))
 
-    with _FlowGrpoServer(lambda d: pickle.dumps({"rewards": [Evil()]})) as url:
-        with pytest.raises(RewardServerError, match="refusing to unpickle builtins.eval"):
-            _client(url, protocol="flow_grpo")(_images(1), ["a"])
+    evil = _FlowGrpoServer(lambda d: pickle.dumps({"rewards": [Evil()]}))
+    with evil as url, pytest.raises(RewardServerError, match="refusing to unpickle builtins.eval"):
+        _client(url, protocol="flow_grpo")(_images(1), ["a"])
     with pytest.raises(pickle.UnpicklingError):
         safe_unpickle(pickle.dumps(Evil()))
 
