@@ -96,6 +96,44 @@ def openclip_to_hf_clip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def hf_clip_to_openclip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`openclip_to_hf_clip` (q/k/v fused back into ``in_proj``): writes the HPS layout."""
+    out = {}
+    top = {
+        "logit_scale": "logit_scale",
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+        "vision_model.embeddings.class_embedding": "visual.class_embedding",
+        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    }
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+        elif k == "text_projection.weight":
+            out["text_projection"] = v.t()
+        elif k == "visual_projection.weight":
+            out["visual.proj"] = v.t()
+    for tower, pre in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
+        n = len({m.group(1) for k in sd if (m := re.match(rf"{tower}\.encoder\.layers\.(\d+)\.", k))})
+        for i in range(n):
+            a, b = f"{tower}.encoder.layers.{i}.", f"{pre}.resblocks.{i}."
+            for kind in ("weight", "bias"):
+                out[b + f"attn.in_proj_{kind}"] = torch.cat([sd[a + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                out[b + f"attn.out_proj.{kind}"] = sd[a + f"self_attn.out_proj.{kind}"]
+                out[b + f"ln_1.{kind}"] = sd[a + f"layer_norm1.{kind}"]
+                out[b + f"ln_2.{kind}"] = sd[a + f"layer_norm2.{kind}"]
+                out[b + f"mlp.c_fc.{kind}"] = sd[a + f"mlp.fc1.{kind}"]
+                out[b + f"mlp.c_proj.{kind}"] = sd[a + f"mlp.fc2.{kind}"]
+    return out
+
+
 def _count_layers(sd: dict[str, Tensor], prefix: str) -> int:
     idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return max(idx) + 1 if idx else 0

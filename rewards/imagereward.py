@@ -66,6 +66,25 @@ def convert_imagereward_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def to_imagereward_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`convert_imagereward_state_dict`: writes the ``ImageReward.pt`` layout."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("text."):
+            out["blip.text_encoder." + k[5:]] = v
+        elif k.startswith("mlp."):
+            out["mlp.layers." + k[4:]] = v
+        elif k.startswith("vision."):
+            k2 = k[7:]
+            k2 = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed"}.get(k2, k2)
+            k2 = k2.replace("embeddings.patch_embedding", "patch_embed.proj")
+            k2 = re.sub(r"^encoder\.layers\.(\d+)\.", r"blocks.\1.", k2)
+            k2 = (k2.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
+                  .replace(".self_attn.qkv.", ".attn.qkv.").replace(".self_attn.projection.", ".attn.proj."))
+            out["blip.visual_encoder." + re.sub(r"^post_layernorm\.", "norm.", k2)] = v
+    return out
+
+
 def _layers(sd: dict[str, Tensor], prefix: str) -> int:
     idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return max(idx) + 1 if idx else 0

@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import sys
 import types
 
@@ -22,13 +21,14 @@ from fewstep_rl import registry  # noqa: E402
 from fewstep_rl.backbones import tiny  # noqa: E402
 from fewstep_rl.rewards.aesthetic import Aesthetic, AestheticConfig  # noqa: E402
 from fewstep_rl.rewards.clip import clip_preprocess  # noqa: E402
-from fewstep_rl.rewards.hps import HPSConfig, HPSv2, HPSv21, openclip_to_hf_clip  # noqa: E402
+from fewstep_rl.rewards.hps import HPSConfig, HPSv2, HPSv21, hf_clip_to_openclip, openclip_to_hf_clip  # noqa: E402
 from fewstep_rl.rewards.imagereward import (  # noqa: E402
     IMAGEREWARD_MEAN,
     IMAGEREWARD_STD,
     ImageReward,
     ImageRewardConfig,
     blip_tokenizer,
+    to_imagereward_state_dict,
 )
 
 PROMPTS = ["a red cube", "two blue balls"]
@@ -39,44 +39,6 @@ def _images(seed=0, h=40, w=48):
 
 
 # ---------------------------------------------------------------- HPS (open_clip layout)
-
-
-def hf_to_openclip(sd):
-    """Test-side inverse of the loader's map: transformers CLIPModel keys → open_clip CLIP keys (qkv fused)."""
-    out = {}
-    top = {
-        "logit_scale": "logit_scale",
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-        "vision_model.embeddings.class_embedding": "visual.class_embedding",
-        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-    }
-    for k, v in sd.items():
-        if k in top:
-            out[top[k]] = v
-        elif k == "text_projection.weight":
-            out["text_projection"] = v.t()
-        elif k == "visual_projection.weight":
-            out["visual.proj"] = v.t()
-    for tower, pre in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
-        n = len({m.group(1) for k in sd if (m := re.match(rf"{tower}\.encoder\.layers\.(\d+)\.", k))})
-        for i in range(n):
-            a, b = f"{tower}.encoder.layers.{i}.", f"{pre}.resblocks.{i}."
-            for kind in ("weight", "bias"):
-                out[b + f"attn.in_proj_{kind}"] = torch.cat([sd[a + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
-                out[b + f"attn.out_proj.{kind}"] = sd[a + f"self_attn.out_proj.{kind}"]
-                out[b + f"ln_1.{kind}"] = sd[a + f"layer_norm1.{kind}"]
-                out[b + f"ln_2.{kind}"] = sd[a + f"layer_norm2.{kind}"]
-                out[b + f"mlp.c_fc.{kind}"] = sd[a + f"mlp.fc1.{kind}"]
-                out[b + f"mlp.c_proj.{kind}"] = sd[a + f"mlp.fc2.{kind}"]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +57,7 @@ def hps_files(tmp_path_factory):
     model = CLIPModel(cfg).eval()
     d = tmp_path_factory.mktemp("hps")
     tok.save_pretrained(d / "tok")
-    sd = {"module." + k: v.half() for k, v in hf_to_openclip(model.state_dict()).items()}  # HPS: fp16 + DDP prefix
+    sd = {"module." + k: v.half() for k, v in hf_clip_to_openclip(model.state_dict()).items()}  # HPS: fp16 + DDP prefix
     torch.save({"state_dict": sd, "epoch": 3, "name": "tiny"}, d / "HPS_v2_compressed.pt")
     model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # the same fp16 rounding
     return d, model, tok
@@ -195,26 +157,6 @@ def test_openclip_map_rejects_unknown_towers():
 BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cube", "two", "blue", "balls", "cat", "##s"]
 
 
-def blip_to_imagereward(sd):
-    """Test-side inverse of the loader's map: this module's keys → ``ImageReward.pt`` keys."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("text."):
-            out["blip.text_encoder." + k[5:]] = v
-        elif k.startswith("mlp."):
-            out["mlp.layers." + k[4:]] = v
-        elif k.startswith("vision."):
-            k2 = k[7:]
-            k2 = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed"}.get(k2, k2)
-            k2 = k2.replace("embeddings.patch_embedding", "patch_embed.proj")
-            k2 = re.sub(r"^encoder\.layers\.(\d+)\.", r"blocks.\1.", k2)
-            k2 = (k2.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
-                  .replace(".self_attn.qkv.", ".attn.qkv.").replace(".self_attn.projection.", ".attn.proj."))
-            out["blip.visual_encoder." + re.sub(r"^post_layernorm\.", "norm.", k2)] = v
-    out["blip.vision_proj.weight"] = torch.zeros(4, 32)  # present in the real file, unused by the score
-    return out
-
-
 @pytest.fixture(scope="module")
 def ir_dir(tmp_path_factory):
     from transformers import BlipTextConfig, BlipVisionConfig
@@ -236,7 +178,9 @@ def ir_dir(tmp_path_factory):
     for m in model.mlp:  # the package's own head init (std 1/769) outputs ≈ 0 for everything (rewards.md §2)
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, std=0.3)
-    torch.save(blip_to_imagereward(model.state_dict()), d / "ImageReward.pt")
+    sd = to_imagereward_state_dict(model.state_dict())
+    sd["blip.vision_proj.weight"] = torch.zeros(4, 24)  # in the real file, unused by the score
+    torch.save(sd, d / "ImageReward.pt")
     return d, model
 
 
