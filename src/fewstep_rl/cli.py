@@ -153,7 +153,6 @@ def _fit(resolved: Any, ckpt_path: str | None) -> int:
     method, dm, trainer = assemble(resolved, run_dir, [])
     cb = next(c for c in trainer.callbacks if isinstance(c, RunCallback))
     from fewstep_rl.backbones.base import BackboneLoadError
-
     from fewstep_rl.rewards.remote import RewardServerError
 
     try:
