@@ -282,11 +282,11 @@ def test_build_rewards_and_cli(tmp_path):
         client = _client(url, key="jpeg")
         assert client(_images(1, size=32), ["x"]).item() < 0
         proc.terminate()
-        assert proc.wait(timeout=10) == 0 and "stopped" in proc.stderr.read()
+        assert proc.wait(timeout=120) == 0 and "stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(timeout=10)
+            proc.wait(timeout=60)
     bad = subprocess.run([sys.executable, "-m", "fewstep_rl.cli", "reward-server", "--rewards", "jpegg"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "did you mean 'jpeg'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
