@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The CPU build of torch 2.13.0 installs fast; on a CUDA machine use e.g. `make install TORCH=torch==2.14.1`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,diffusers,logging
+EXTRAS ?= dev,diffusers,logging,ocr
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any, ClassVar
 
 import torch
@@ -85,6 +86,16 @@ class Reward(nn.Module):
             with torch.no_grad():
                 out = self.score(samples.detach(), prompts, meta)
         return check_scores(self.name, out, samples.shape[0])
+
+    def submit(self, samples: Tensor, prompts: Sequence[str], meta: Sequence[dict] | None = None) -> Future:
+        """Start scoring and return a ``Future`` of ``Tensor[B]``: rewards that can work in the background (the
+        ``remote`` reward) overlap with the caller's next step; the default scores now."""
+        fut: Future = Future()
+        try:
+            fut.set_result(self(samples, prompts, meta))
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(e)
+        return fut
 
 
 class MultiReward(nn.Module):

@@ -10,6 +10,7 @@
     fewstep-rl eval --paired CKPT ... [--teacher] [--labels a,b] [--n N] [--rewards a,b] [--nfe] [--seed S]
     fewstep-rl compare CONFIG.yaml [--jobs N] [--out DIR] [--print_config]
     fewstep-rl list methods|rewards|worlds
+    fewstep-rl reward-server (--config FILE | --rewards a,b) [--host H] [--port P] [--device D] [--max_batch N]
     fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--calibration_steps N] [--minutes M] [--out DIR]
     fewstep-rl validate --method M [--worlds N] [--seed S] [--family all|2d|8d] [--reward auto|mixed|linear|region]
                    [--steps N] [--jobs J] [--eval_samples N] [--config FILE ...] [--out DIR]
@@ -178,6 +179,7 @@ def _fit(resolved: Any, ckpt_path: str | None, overwrite: bool = False, allow_ch
     cb = next(c for c in trainer.callbacks if isinstance(c, RunCallback))
     safety = next(c for c in trainer.callbacks if type(c).__name__ == "SafetyCallback")
     from fewstep_rl.backbones.base import BackboneLoadError
+    from fewstep_rl.rewards.remote import RewardServerError
 
     try:
         trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
@@ -196,6 +198,12 @@ def _fit(resolved: Any, ckpt_path: str | None, overwrite: bool = False, allow_ch
     finally:
         if lock is not None:
             lock.release()
+    except RewardServerError as e:  # a reward server died or answered garbage: keep the progress, stop
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(ckpt)
+        print(f"error: {e}\ncheckpoint: {ckpt} (resume with --ckpt_path {ckpt})", file=sys.stderr)
+        return 3
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}", file=sys.stderr)
         print(dumps({"run_dir": str(run_dir), **cb.final}))
@@ -420,8 +428,15 @@ def cmd_plan(argv: list[str]) -> int:
     return run_plan(argv)
 
 
+def cmd_reward_server(argv: list[str]) -> int:
+    from fewstep_rl.serve.server import cmd_reward_server as run
+
+    return run(argv)
+
+
 COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world,
-            "validate": cmd_validate, "compare": cmd_compare, "plan": cmd_plan}
+            "validate": cmd_validate, "compare": cmd_compare, "plan": cmd_plan,
+            "reward-server": cmd_reward_server}
 
 
 def main(argv: list[str] | None = None) -> int:
