@@ -190,6 +190,11 @@ def _fit(resolved: Any, ckpt_path: str | None, overwrite: bool = False, allow_ch
             hint = f"; resume with --ckpt_path {e.saved} --trainer.run_dir {run_dir}" if e.saved else ""
             print(f"{e}{hint}", file=sys.stderr)
         return e.exit_code
+    except RewardServerError as e:  # a reward server died or answered garbage: keep the progress, stop
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(ckpt, weights_only=False)
+        print(f"error: {e}\ncheckpoint: {ckpt} (resume with --ckpt_path {ckpt})", file=sys.stderr)
+        return 3
     except Exception as e:
         if safety.phase == "final" and trainer.is_global_zero:
             print(f"error: the final evaluation failed ({type(e).__name__}: {e}); the trained state is saved in "
@@ -198,12 +203,7 @@ def _fit(resolved: Any, ckpt_path: str | None, overwrite: bool = False, allow_ch
     finally:
         if lock is not None:
             lock.release()
-    except RewardServerError as e:  # a reward server died or answered garbage: keep the progress, stop
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(ckpt)
-        print(f"error: {e}\ncheckpoint: {ckpt} (resume with --ckpt_path {ckpt})", file=sys.stderr)
-        return 3
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}", file=sys.stderr)
         print(dumps({"run_dir": str(run_dir), **cb.final}))

@@ -283,7 +283,7 @@ def _callback_cls() -> type:
             """Flush the logger (so ``metrics.csv`` holds every row up to the checkpoint), then save ``last.ckpt``."""
             if trainer.is_global_zero and trainer.logger is not None:
                 trainer.logger.save()
-            trainer.save_checkpoint(self.last_path)
+            trainer.save_checkpoint(self.last_path, weights_only=False)
             self.last_saved = (self.last_path, done)
             self._t_saved = time.monotonic()
 

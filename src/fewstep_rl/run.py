@@ -329,8 +329,35 @@ def reliability_parts(tc: TrainerConfig, run_dir: Path, resumed: bool = False) -
     return [safety], csv_logger(run_dir), plugins
 
 
+_FRAMEWORK_NOISE = ("GPU available", "TPU available", "HPU available", "💡 Tip", "`weights_only` was not set")
+
+
+class _DropFrameworkNoise:
+    """Logging filter: drops Lightning's start-up inventory (GPU/TPU/HPU availability), its advertising tip and the
+    ``weights_only`` notice — lines a user of this CLI cannot act on. Every other record passes."""
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(_FRAMEWORK_NOISE)
+
+
+def quiet_framework() -> None:
+    """Silence framework output a user cannot act on (idempotent): see :class:`_DropFrameworkNoise`, plus
+    Lightning's own deprecation warning about torch's ``LeafSpec`` (raised inside Lightning, not by our code)."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.trainer.connectors.checkpoint_connector",
+                 "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropFrameworkNoise) for f in log.filters):
+            log.addFilter(_DropFrameworkNoise())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list, safety: bool = True) -> Any:
     import lightning as L
+
+    quiet_framework()
 
     from fewstep_rl.eval.callbacks import progress_bar
 

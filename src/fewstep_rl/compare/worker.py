@@ -69,7 +69,7 @@ class BudgetCallback(L.Callback):
             now - self._last_ckpt >= self.checkpoint_seconds)
         if due and not trainer.should_stop:
             tmp = self.run_dir / "checkpoints" / "resume.ckpt.tmp"
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)
             if trainer.is_global_zero:
                 os.replace(tmp, self.run_dir / "checkpoints" / "resume.ckpt")
             self._last_ckpt = time.perf_counter()
@@ -119,7 +119,7 @@ def run_job(job_path: Path) -> int:
         print(f"resuming from {ckpt}", file=sys.stderr)
     t0 = time.time()
     trainer.fit(method, datamodule=dm, ckpt_path=ckpt)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     ev = job["eval"]
     prompts = cycle_prompts(ev["prompts"] or method.world.eval_prompts, ev["samples"])
     judges = _multi_reward(resolved.judges, method.world) if resolved.judges else None

@@ -68,7 +68,7 @@ class RunCallback(L.Callback):
         if self.eval_every and done % self.eval_every == 0 and done < self.max_steps:
             self._evaluate(trainer, module, done)
         if self.ckpt_every and done % self.ckpt_every == 0:
-            trainer.save_checkpoint(self.run_dir / "checkpoints" / f"iter={done:06d}.ckpt")
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / f"iter={done:06d}.ckpt", weights_only=False)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self.final = self._evaluate(trainer, module, module.iteration + 1)
@@ -149,7 +149,7 @@ class MonitorCallback(L.Callback):
         judge = row.get("judge_total")
         if self.cfg.keep_best and judge is not None and (self.best is None or judge > self.best):
             self.best = judge
-            trainer.save_checkpoint(self.run_dir / "checkpoints" / "best.ckpt")
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / "best.ckpt", weights_only=False)
             if trainer.is_global_zero:
                 (self.run_dir / "best.json").write_text(json.dumps({"iteration": done, "judge_total": judge}))
         self.rows.append(row)

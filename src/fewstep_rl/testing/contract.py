@@ -57,7 +57,7 @@ def run_fit(
     module.log_metrics = collect  # type: ignore[method-assign]
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if save_as:
-        trainer.save_checkpoint(save_as)
+        trainer.save_checkpoint(save_as, weights_only=False)
     return module, trainer, {k: v[-1] for k, v in logged.items()} | {"_all_finite": all_finite(logged)}
 
 

@@ -53,7 +53,7 @@ def main() -> None:
             "trainer.max_steps": args.steps, "trainer.run_dir": str(out)}
     module, dm, trainer = assemble(resolve(args.method, "toy2d", (), over), out, [Checksums(out)], run_callback=False)
     trainer.fit(module, datamodule=dm)
-    trainer.save_checkpoint(out / "last.ckpt")
+    trainer.save_checkpoint(out / "last.ckpt", weights_only=False)
 
 
 if __name__ == "__main__":
