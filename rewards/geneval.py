@@ -40,8 +40,8 @@ from torch import Tensor
 from fewstep_rl.config import knob
 from fewstep_rl.rewards._deps import require
 from fewstep_rl.rewards.base import Reward
+from fewstep_rl.worlds.shapes.verify import relations_from_offset
 
-POSITION_THRESHOLD = 0.1
 RELATIONS = ("left of", "right of", "above", "below")
 COLOR_ANCHORS = {  # GenEval's colour names, sRGB anchors in [0, 1]
     "red": (0.85, 0.1, 0.1), "orange": (1.0, 0.55, 0.0), "yellow": (0.95, 0.9, 0.1), "green": (0.1, 0.6, 0.15),
@@ -65,21 +65,7 @@ def relative_position(a: tuple[float, ...], b: tuple[float, ...]) -> set[str]:
     ca = np.array([(a[0] + a[2]) / 2, (a[1] + a[3]) / 2])
     cb = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
     dims = np.array([(a[2] - a[0]) + (b[2] - b[0]), (a[3] - a[1]) + (b[3] - b[1])])
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
+    return relations_from_offset(ca - cb, dims)
 
 
 def _credit(n: int, m: int) -> float:

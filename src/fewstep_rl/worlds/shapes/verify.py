@@ -208,17 +208,15 @@ def detect(
     return blobs
 
 
-def relations_between(a: Blob, b: Blob) -> set[str]:
-    """GenEval's relative position of blob ``a`` with respect to blob ``b`` (see the module docstring)."""
-    (ya, xa), (yb, xb) = a.center, b.center
-    dims = np.array(
-        [(a.bbox[2] - a.bbox[0]) + (b.bbox[2] - b.bbox[0]), (a.bbox[3] - a.bbox[1]) + (b.bbox[3] - b.bbox[1])]
-    )
-    offset = np.array([ya - yb, xa - xb], dtype=np.float64)
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
+def relations_from_offset(offset_xy: np.ndarray, dims_xy: np.ndarray) -> set[str]:
+    """GenEval's relations of object ``a`` w.r.t. object ``b`` from the centre offset ``a − b`` (x right, y down) and
+    the summed box sizes (width, height): the offset shrunk by ``POSITION_THRESHOLD`` of the sizes, normalised; a
+    component beyond ±0.5 names the relation. Shared by this verifier and the GenEval reward's detector boxes."""
+    offset = np.asarray(offset_xy, dtype=np.float64)
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * np.asarray(dims_xy, dtype=np.float64), 0) * np.sign(offset)
     if np.all(np.abs(revised) < 1e-3):
         return set()
-    dy, dx = revised / np.linalg.norm(offset)
+    dx, dy = revised / np.linalg.norm(offset)
     rels = set()
     if dx < -0.5:
         rels.add("left of")
@@ -229,6 +227,13 @@ def relations_between(a: Blob, b: Blob) -> set[str]:
     if dy > 0.5:
         rels.add("below")
     return rels
+
+
+def relations_between(a: Blob, b: Blob) -> set[str]:
+    """GenEval's relative position of blob ``a`` with respect to blob ``b`` (see the module docstring)."""
+    (ya, xa), (yb, xb) = a.center, b.center
+    dims = [(a.bbox[3] - a.bbox[1]) + (b.bbox[3] - b.bbox[1]), (a.bbox[2] - a.bbox[0]) + (b.bbox[2] - b.bbox[0])]
+    return relations_from_offset(np.array([xa - xb, ya - yb]), np.array(dims))
 
 
 def _credit(n: int, m: int) -> float:
