@@ -244,6 +244,22 @@ def _plt() -> Any:
     return plt
 
 
+
+def _curves(plt, series: dict[str, list[dict]], keys: list[str]) -> str:
+    """One panel per key: each run's ``(iteration, value)`` rows as a line; the figure as an embedded PNG."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for lab, rows in series.items():
+            pts = [(r["iteration"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=lab)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _png(fig)
+
 def curve_plots(specs: list, out: Path) -> dict[str, str]:
     """Monitor curves (training total, judge total, divergence) and world-metric curves, every method overlaid."""
     plt = _plt()
@@ -252,34 +268,12 @@ def curve_plots(specs: list, out: Path) -> dict[str, str]:
     keys = [k for k in ("train_total", "judge_total", "divergence", "diversity", "dark_fraction", "edge_density",
                         "colour_entropy") if any(k in r for m in mons.values() for r in m)]
     if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0), squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            for lab, m in mons.items():
-                pts = [(r["iteration"], r[k]) for r in m if k in r]
-                if pts:
-                    ax.plot(*zip(*pts), marker=".", label=lab)
-            ax.set_title(k, fontsize=9)
-            ax.set_xlabel("iteration", fontsize=8)
-            ax.tick_params(labelsize=7)
-        axes[0][0].legend(fontsize=7, loc="upper left")
-        fig.tight_layout()
-        figs["monitor curves (pinned noise; judge never seen by training)"] = _png(fig)
+        figs["monitor curves (pinned noise; judge never seen by training)"] = _curves(plt, mons, keys)
     evals = {s.label: _jsonl(out / s.label / "eval.jsonl") for s in specs}
     ekeys = sorted({k for e in evals.values() for r in e for k in r
                     if k.startswith(("reward/", "energy_teacher", "energy_tilted", "gold")) and "floor" not in k})[:6]
     if ekeys:
-        fig, axes = plt.subplots(1, len(ekeys), figsize=(3.4 * len(ekeys), 3.0), squeeze=False)
-        for ax, k in zip(axes[0], ekeys):
-            for lab, e in evals.items():
-                pts = [(r["iteration"], r[k]) for r in e if k in r]
-                if pts:
-                    ax.plot(*zip(*pts), marker=".", label=lab)
-            ax.set_title(k, fontsize=9)
-            ax.set_xlabel("iteration", fontsize=8)
-            ax.tick_params(labelsize=7)
-        axes[0][0].legend(fontsize=7, loc="upper left")
-        fig.tight_layout()
-        figs["evaluation curves (world metrics)"] = _png(fig)
+        figs["evaluation curves (world metrics)"] = _curves(plt, evals, ekeys)
     return figs
 
 
