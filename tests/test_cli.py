@@ -119,3 +119,14 @@ def test_default_world_is_shapes_with_the_dmd2_preset():
     cfg = yaml.safe_load(p.stdout)
     assert cfg["world"]["name"] == "shapes"
     assert cfg["method"]["batch_size"] == 16 and cfg["method"]["backward_simulation"] is False  # configs/dmd2/shapes.yaml
+
+
+def test_shapes_fit_prints_no_framework_noise(tmp_path):
+    """The default world loads transformers/diffusers components and freezes roles in eval mode: neither a
+    "Loading weights" bar nor Lightning's eval-mode notice (nothing a user can act on) reaches the console."""
+    p = run("fit", "--method", "di_star", "--config", "configs/demo.yaml", "--trainer.max_steps", "2",
+            "--method.batch_size", "4", "--trainer.eval_every", "0", "--trainer.eval_samples", "8",
+            "--trainer.run_dir", str(tmp_path / "run"), cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr[-3000:]
+    for noise in ("Loading weights", "eval mode", "Warning", "warn("):
+        assert noise not in p.stderr, (noise, p.stderr[-2000:])

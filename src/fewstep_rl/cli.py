@@ -442,6 +442,8 @@ COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers reads this once at import: its per-load "Loading weights" bar would sit beside the training bar
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage:{USAGE}")
         return 0 if argv else 2

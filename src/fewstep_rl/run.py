@@ -342,7 +342,8 @@ class _DropFrameworkNoise:
 
 def quiet_framework() -> None:
     """Silence framework output a user cannot act on (idempotent): see :class:`_DropFrameworkNoise`, plus
-    Lightning's own deprecation warning about torch's ``LeafSpec`` (raised inside Lightning, not by our code)."""
+    Lightning's own deprecation warning about torch's ``LeafSpec`` (raised inside Lightning, not by our code) and its
+    "Found N module(s) in eval mode" notice (frozen roles — teacher, reward models — are in eval mode on purpose)."""
     import logging
     import warnings
 
@@ -352,6 +353,7 @@ def quiet_framework() -> None:
         if not any(isinstance(f, _DropFrameworkNoise) for f in log.filters):
             log.addFilter(_DropFrameworkNoise())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list, safety: bool = True) -> Any:
