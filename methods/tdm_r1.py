@@ -111,7 +111,7 @@ from fewstep_rl.objectives import (
     group_advantages,
     loo_advantages,
 )
-from fewstep_rl.objectives.dgpo import dgpo_loss, per_sample_mse
+from fewstep_rl.objectives.dgpo import dgpo_loss, per_sample_mse, tilt_regression_loss
 from fewstep_rl.objectives.tdm import direction_weight, tdm_fake_loss
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Trajectory, Transition, sample, x0_from_v
@@ -315,8 +315,10 @@ class TDMR1(FewStepMethod):
         l_phi, l_old, l_ref = per_sample_mse(v_phi, u), per_sample_mse(v_old, u), per_sample_mse(v_ref, u)
         drift = ((v_phi.float() - v_ref.float()) ** 2).mean()
         if tilt:
-            loss = (adv.detach().to(l_phi.dtype) * l_phi).mean() + cfg.beta * drift
-            m = {"weighted_dsm": loss.detach()}
+            with torch.no_grad():
+                v_gen = self.backbone.velocity(x_t, tau, cond, "fake_score")
+            loss = tilt_regression_loss(v_phi, v_ref, u, v_gen, adv, cfg.beta)
+            m = {"tilt_regression": loss.detach()}
         else:
             loss, m = dgpo_loss(
                 l_phi,

@@ -6,7 +6,8 @@
   with different generator weights — a method whose training ignores β ends bit-identical.
 * Slow (``make test-slow``): every reward-driven method trained with its toy2d preset at β = 0.25 and β = 1 on the
   default world with the linear reward x_1; the trained mean reward must lie within 15 % of the teacher→target gap
-  of the closed-form tilted target's mean reward (gap-relative: ``|r − r*| ≤ 0.15·|r* − r_teacher|``) at both β.
+  of the closed-form tilted target's mean reward (gap-relative: ``|r − r*| ≤ 0.15·|r* − r_teacher|``) at both β
+  (``di_star``: of its own documented closed-form fixed point, see :func:`di_star_gain`).
 """
 
 from __future__ import annotations
@@ -142,12 +143,36 @@ def train_preset(method: str, beta: float, run_dir: Path) -> tuple[float, float,
             closed_form_reward(world, uniq, [1.0, 0.0], None))
 
 
+def di_star_gain(std: float, t_min: float, t_max: float) -> float:
+    """DI++'s documented fixed point (methods/di_star.py) for a Gaussian component of std ``s`` and a linear reward:
+    its reward gain over the teacher is ``1/(c̄ s²)`` times the clean tilt's, ``c̄ = E_{t∼U[t_min, t_max]} c(t)``,
+    ``c(t) = (1−t)²/((1−t)²s² + t²)`` (midpoint rule, 10⁵ cells)."""
+    t = t_min + (t_max - t_min) * (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000
+    c = (1 - t) ** 2 / ((1 - t) ** 2 * std**2 + t**2)
+    return float(1.0 / (c.mean() * std**2))
+
+
+def test_di_star_gain_hand_values():
+    # t ∈ [0, ε]: c → 1/s², the clean tilt (gain 1); toy2d's s = 0.5 on [0.02, 0.98]: c̄ = 1.397 (docstring), gain 2.86
+    assert di_star_gain(0.5, 0.0, 1e-6) == pytest.approx(1.0, rel=1e-5)
+    assert di_star_gain(0.5, 0.02, 0.98) == pytest.approx(1 / (1.397 * 0.25), rel=2e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", REWARD_DRIVEN)
 def test_trained_reward_follows_the_tilted_target_at_two_betas(method, tmp_path):
+    """Every method against the closed-form tilt — except ``di_star``, whose practical (DI++) form provably reaches
+    a different fixed point (methods/di_star.py): it is held to that documented closed form instead, which still
+    scales as 1/β, so ignoring β fails it too."""
     rows = []
     for beta in (0.25, 1.0):
         got, target, teacher = train_preset(method, beta, tmp_path / f"b{beta}")
+        if method == "di_star":
+            from fewstep_rl.run import resolve
+
+            r = resolve("di_star", "toy2d", ())
+            assert len(set(r.world.stds)) == 1, "the closed form below assumes one component std"
+            target = teacher + (target - teacher) * di_star_gain(r.world.stds[0], r.method.t_min, r.method.t_max)
         rows.append((beta, got, target, teacher))
     for _beta, got, target, teacher in rows:
         assert abs(got - target) <= 0.15 * abs(target - teacher), (method, rows)

@@ -80,6 +80,31 @@ def test_dgpo_trust_region_and_reference_masks():
     assert lt2.grad.abs().max() == 0 and float(m2["ref_masked"]) == 1.0
 
 
+def test_tilt_regression_loss_hand_values_and_minimiser():
+    from fewstep_rl.objectives.dgpo import tilt_regression_loss
+
+    # B = 2, d = 1: targets 0 + 2·(1 − 0.5)/0.5 = 2 and 0 + (−1)·(3 − 0.5)/0.5 = −5; v_φ = (1, 1): ((1−2)² + (1+5)²)/2
+    v_phi = torch.tensor([[1.0], [1.0]], requires_grad=True)
+    z, u, vg = torch.zeros(2, 1), torch.tensor([[1.0], [3.0]]), torch.full((2, 1), 0.5)
+    loss = tilt_regression_loss(v_phi, z, u, vg, torch.tensor([2.0, -1.0]), 0.5)
+    assert float(loss) == pytest.approx((1 + 36) / 2)
+    loss.backward()  # only v_φ receives a gradient: 2(v − target)/B
+    assert v_phi.grad.flatten().tolist() == pytest.approx([-1.0, 6.0])
+    # at one x_t: the minimiser is v_ref + Cov(A, u)/β whatever E[A] is (here E[A] = −3 < −β: the weighted DSM
+    # mean(A·ℓ) + β‖v − v_ref‖² is unbounded below there)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(200_000, 1, generator=g)
+    a = -3.0 + 0.8 * u[:, 0] + 0.3 * torch.randn(200_000, generator=g)
+    v = torch.zeros(1, 1, requires_grad=True)
+    opt = torch.optim.SGD([v], lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        tilt_regression_loss(v.expand(200_000, 1), torch.zeros(1, 1), u, u.mean(0, keepdim=True), a, 0.25).backward()
+        opt.step()
+    cov = float(((a - a.mean()) * (u[:, 0] - u.mean())).mean())
+    assert float(v) == pytest.approx(cov / 0.25, rel=1e-3)
+
+
 def test_dgpo_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="must all be"):
         dgpo_loss(torch.zeros(4), torch.zeros(3), torch.zeros(4), torch.zeros(4), 1.0)

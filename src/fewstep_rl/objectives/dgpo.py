@@ -123,3 +123,22 @@ def dgpo_loss(
         loss = loss + drift_weight * upcast(drift)
     metrics = {"omega_mean": omega.mean(), "trust_masked": trust.float().mean(), "ref_masked": ref.float().mean()}
     return loss, metrics
+
+
+def tilt_regression_loss(v_phi: Tensor, v_ref: Tensor, u: Tensor, v_gen: Tensor, adv: Tensor, beta: float) -> Tensor:
+    """TDM-R1's β-regime surrogate loss (methods/tdm_r1.py): a regression of the surrogate onto a tilted target,
+
+    ``L = mean_i ‖v_φ(x_t) − sg[v_ref(x_t) + A_i·(u_i − v_gen(x_t))/β]‖²/d``  (per-dimension mean, then batch mean),
+
+    shapes: ``v_phi``, ``v_ref``, ``u``, ``v_gen`` ``(B, ...)`` velocities at the same ``(x_t, t)`` (``u`` the DSM
+    target of sample i, ``v_gen`` ≈ E_gen[u | x_t], the generator's own velocity — the fake score), ``adv`` ``(B,)``
+    advantages in reward units. Its minimiser is ``E[target | x_t] = v_ref + Cov_gen(A, u | x_t)/β`` (because
+    ``E[u − v_gen | x_t] = 0``), the fixed point ``D = T + Cov(r, u | x_t)/β`` of the advantage-weighted DSM
+    ``mean(A·ℓ_φ) + β·mean‖v_φ − v_ref‖²`` — but as a convex regression for every β: the weighted DSM's quadratic
+    coefficient ``E[A | x_t] + β`` turns negative wherever a low-noise ``x_t`` has ``E[A | x_t] < −β``, and that loss
+    then diverges (seen on toy2d at β = 0.25 after ~600 iterations).
+    """
+    a = upcast(adv).detach().reshape(-1, *[1] * (u.ndim - 1))
+    with torch.no_grad():
+        target = upcast(v_ref) + a * (upcast(u) - upcast(v_gen)) / beta
+    return per_sample_mse(v_phi, target).mean()
