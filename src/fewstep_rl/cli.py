@@ -8,6 +8,7 @@
                    [--guidance G] [--seed S] --out F
     fewstep-rl eval (--ckpt C | --teacher [--world NAME]) --n N [--rewards a,b] [--steps S] [--guidance G]
     fewstep-rl eval --paired CKPT ... [--teacher] [--labels a,b] [--n N] [--rewards a,b] [--nfe] [--seed S]
+    fewstep-rl export --ckpt C --out DIR [--merge] [--role ema|generator]
     fewstep-rl compare CONFIG.yaml [--jobs N] [--out DIR] [--print_config]
     fewstep-rl list methods|rewards|worlds
     fewstep-rl reward-server (--config FILE | --rewards a,b) [--host H] [--port P] [--device D] [--max_batch N]
@@ -428,6 +429,13 @@ def cmd_plan(argv: list[str]) -> int:
     return run_plan(argv)
 
 
+def cmd_export(argv: list[str]) -> int:
+    """``fewstep-rl export --ckpt C --out DIR [--merge] [--role ema|generator]``: the generator for diffusers."""
+    from fewstep_rl.export import cmd_export as run
+
+    return run(argv)
+
+
 def cmd_reward_server(argv: list[str]) -> int:
     from fewstep_rl.serve.server import cmd_reward_server as run
 
@@ -436,7 +444,7 @@ def cmd_reward_server(argv: list[str]) -> int:
 
 COMMANDS = {"fit": cmd_fit, "sample": cmd_sample, "eval": cmd_eval, "list": cmd_list, "world": cmd_world,
             "validate": cmd_validate, "compare": cmd_compare, "plan": cmd_plan,
-            "reward-server": cmd_reward_server}
+            "reward-server": cmd_reward_server, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
