@@ -35,15 +35,16 @@ when ``A`` is in reward units with a baseline independent of the sample and ``kl
 raw leave-one-out advantages ``r_i − mean_{j≠i} r_j`` (:func:`~fewstep_rl.objectives.advantages.loo_advantages`; no
 std, no clip) and the coefficient ``β`` in place of ``kl_coef``; with ``opt_steps_per_epoch: 1`` every ratio is 1
 and the PPO clip never binds. Fixed point: the tilt of the *reference chain's* marginal (the chain of the starting
-policy, not the teacher's exact law — on toy2d the 8-step ``flow_sde(0.7)`` teacher chain is at the energy noise
-floor), provided every step is Gaussian: a ``cps(η)`` chain's deterministic last step has no likelihood, so it is
-neither trained by the policy gradient nor covered by the KL and moves only through parameters shared across σ —
-measured on toy2d with the 4-step ``cps(0.9)`` chain, the trained mean reward was 0.42 at β = 0.25 and 0.112 at
-β = 1 against the targets' 0.99 and 0.24 (∝ 1/β, but 43 % of the gain), hence ``flow_sde`` in the toy2d preset.
-Measured with the toy2d preset (8-step ``flow_sde(0.7)``, 400 epochs): mean reward 0.848 at β = 0.25 and 0.211 at
-β = 1 against the closed-form 1.0 and 0.25 — 85 % of the gain at both β, i.e. an effective temperature ≈ 1.18 β, and
-energy to the tilt 0.012 / 0.0016 (floors 0.0007). The remaining 15 % is not explained by the theory above (it
-assumes the optimum is reached); a 3× lower learning rate with a slower EMA plateaus at the same 85 %. README
+policy, not the teacher's exact law), provided every step is Gaussian: a ``cps(η)`` chain's deterministic last step
+has no likelihood, so it is neither trained by the policy gradient nor covered by the KL and moves only through
+parameters shared across σ — measured on toy2d with the 4-step ``cps(0.9)`` chain, the trained mean reward was 0.42 at
+β = 0.25 and 0.112 at β = 1 against the targets' 0.99 and 0.24 (∝ 1/β, but 43 % of the gain), hence ``flow_sde`` in
+the toy2d preset. For a linear reward the tilt moves each component's mean by its variance/β, so the reward gain is
+the reference chain's variance over the teacher's: the Euler–Maruyama ``flow_sde(0.7)`` chain of the exact toy2d
+teacher has variance 0.2255 / 0.2356 / 0.2461 (90 / 94 / 98.5 % of the exact 0.25) at 8 / 16 / 32 steps (20 000
+samples), and the trained gains followed: 85 % (8 steps), 89 % (16), 92 % at β = 0.25 and 94 % at β = 1 (32 steps,
+400 epochs; 1000 epochs at 16 steps gave the same 89 %, so it is the chain, not convergence). The toy2d preset uses 32
+steps. README
 "β regimes".
 
 Deviations from the paper:

@@ -50,18 +50,28 @@ by evaluation.
 
 β-regime (``regime: tilt``, toy2d preset). DGPO's drift regulariser ``R = mean (D_φ − T)²`` is a KL to the reference
 in velocity space and its ``ω·A·ℓ_φ`` term an advantage-weighted DSM; with the group weight fixed (ω = 1, β_dpo → 0),
-no masks and raw leave-one-out advantages, the surrogate loss is ``mean_i(A_i ℓ_φ,i) + β·R``, trained by DSM on the
-clean generator samples. Its stationary point at ``(x_t, t)``, once the generator's law equals the surrogate's (the
-joint fixed point, ``E[u|x_t] = D``), is ``D = T + Cov(r, u | x_t)/β`` — the same condition as NFT's β-regime
-(``methods/nft.py``): the exact tilt ``p_teacher·exp(r/β)`` for Gaussian components with a linear reward, its
-first-order (in 1/β) approximation when the tilt reweights modes. The generator then runs λ = 0 with the reward
-direction queried at the fake's ``x_τ`` with the fake's normaliser, so ``d_kl + d_rl = x̂0^D − x̂0^F``: trajectory
-distribution matching toward the surrogate's law (ω_rl, ``reward_t_min``, ``surrogate_t_min``, ``reward_steps``,
-``dpo_beta``, ``clip_eps``, ``drift_*`` and ``tdm_weight`` do not apply). A DPO temperature is a β too, but DGPO's
-sigmoid weight on deterministic advantages has no finite optimum (it pushes until a mask stops it), so the
-drift weight, not β_dpo, is the one that maps onto β. Measured (toy2d preset, r = x_1, 600 epochs): mean reward
-0.90 at β = 0.25 and 0.195 at β = 1 against the closed-form 1.0 and 0.25 (energy to the tilt 0.065 / 0.005, floor
-0.0004), still rising; the paper's learning rates (generator 7.5e-5) reached 0.39 of 1.0 in 400 epochs.
+no masks and raw leave-one-out advantages, the surrogate loss ``mean_i(A_i ℓ_φ,i) + β·R`` has, once the generator's law
+equals the surrogate's (``E[u|x_t] = D``), the stationary point ``D = T + Cov(r, u | x_t)/β`` — the same condition as
+NFT's β-regime (``methods/nft.py``): the exact tilt ``p_teacher·exp(r/β)`` for Gaussian components with a linear
+reward, its first-order (in 1/β) approximation when the tilt reweights modes. That loss is not bounded below where a
+low-noise ``x_t`` has ``E[A|x_t] < −β`` (its quadratic coefficient is ``E[A|x_t] + β``) and diverged on toy2d at
+β = 0.25, so the surrogate is trained by the convex regression with the same minimiser,
+:func:`~fewstep_rl.objectives.dgpo.tilt_regression_loss` ``‖v_φ − sg[v_ref + A(u − v_gen)/β]‖²`` with ``v_gen`` the
+fake score (the generator's own velocity), on the clean generator samples. The generator then runs λ = 0 with the
+reward direction queried at the fake's ``x_τ`` with the fake's normaliser, so ``d_kl + d_rl = x̂0^D − x̂0^F``:
+trajectory distribution matching toward the surrogate's law (ω_rl, ``reward_t_min``, ``surrogate_t_min``,
+``reward_steps``, ``dpo_beta``, ``clip_eps``, ``drift_*`` and ``tdm_weight`` do not apply). A DPO temperature is a β too,
+but DGPO's sigmoid weight on deterministic advantages has no finite optimum (it pushes until a mask stops it), so the
+drift weight, not β_dpo, is the one that maps onto β.
+
+Fixed point actually reached: ``Cov(r, u | x_t)`` is the covariance under the *generator's* law, so the tilt is as
+strong as the 4-step generator is dispersed. Measured on toy2d (r = x_1, preset, 600 epochs, 4000 samples; target
+1.0 at β = 0.25, 0.25 at β = 1): mean reward 0.916 at β = 0.25 and 0.189 at β = 1 (76 %: outside the 15 % bar of
+``tests/test_beta.py``'s slow two-β test). Diagnosis (β = 1, 1200 epochs at the fake/surrogate lr 1e-3, 84.5 %): the
+generator's per-prompt variance along x_1 is 0.17 where the teacher's is 0.23–0.25 (the fake score's law 0.15, the
+surrogate's 0.23), and its reward gain is the surrogate's shift scaled by that under-dispersion. With the fake and
+surrogate at lr 1e-3 both surrogate losses diverged at β = 0.25 (after ~450 and ~640 epochs), hence 3e-4 in the
+preset; the paper's learning rates (generator 7.5e-5) reached 0.39 of 1.0 in 400 epochs.
 
 Knobs (methods.md §4.8): ``dpo_beta`` β_dpo, ``clip_eps`` ε, ``rl_guidance`` ω_rl, ``reward_t_min`` t_min,
 ``surrogate_t_min`` t^s_min, ``reward_steps`` j_trunc, ``tdm_weight`` λ, ``guidance`` (teacher CFG for ``w_f``),
