@@ -183,3 +183,18 @@ def test_strict_json():
     buf = io.StringIO()
     json.dump(finite_json({"z": float("nan")}), buf, allow_nan=False)
     assert buf.getvalue() == '{"z": null}'
+
+
+def test_eval_row_is_replaced_not_duplicated(tmp_path):
+    """A run killed between its final evaluation's row and its exit evaluates again on resume: one row per iteration."""
+    import json
+
+    from fewstep_rl.eval.callbacks import write_eval_row
+
+    p = tmp_path / "eval.jsonl"
+    write_eval_row(p, 0, {"a": 1.0})
+    write_eval_row(p, 10, {"a": 2.0})
+    p.write_text(p.read_text() + '{"iteration": 20, "a"')  # torn line of a killed write
+    write_eval_row(p, 10, {"a": 2.0})
+    rows = [json.loads(x) for x in p.read_text().splitlines()]
+    assert rows == [{"iteration": 0, "a": 1.0}, {"iteration": 10, "a": 2.0}]

@@ -27,6 +27,26 @@ def evaluate_method(method: Any, n: int, seed: int, steps: int | None = None) ->
     return metrics, samples, prompts
 
 
+def write_eval_row(path: Path, iteration: int, metrics: dict[str, float]) -> None:
+    """Append ``{"iteration": …, **metrics}`` to ``eval.jsonl``, replacing a row of the same iteration (atomically).
+
+    Idempotent on purpose: a run killed after its final evaluation's row but before it exits resumes from the final
+    checkpoint, which keeps that row, and evaluates again — without this the row would appear twice.
+    """
+    from fewstep_rl.ckpt_io import atomic_write_text
+
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("iteration", -1)) != iteration:
+                    rows.append(line)
+            except ValueError:  # a torn last line of a killed run
+                continue
+    rows.append(json.dumps({"iteration": iteration, **metrics}))
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
 class RunCallback(L.Callback):
     """Evaluates every ``eval_every`` iterations and at the end; checkpoints every ``ckpt_every`` iterations.
 
@@ -48,8 +68,7 @@ class RunCallback(L.Callback):
             if trainer.logger is not None:
                 for lg in trainer.loggers:
                     lg.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=done)
-            with open(self.run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps({"iteration": done, **metrics}) + "\n")
+            write_eval_row(self.run_dir / "eval.jsonl", done, metrics)
             plot_curves(self.run_dir)
             log_samples = getattr(module.world, "log_samples", None)
             if log_samples is not None:
