@@ -4,7 +4,7 @@ A family enters with one :class:`BackboneCase` in :data:`CASES` (a plugin builds
 :meth:`Conformance.run_all`): how to write a tiny model directory of the family's real classes in its real
 diffusers layout, how to load it through the family's real loading code with a given ``roles`` section, and how
 the family's diffusers pipeline samples from that directory. ``tests/test_conformance.py`` runs every applicable
-check (:func:`checks_for`) of every case in ``make test``. The checks, with their tolerances (``atol`` is the case's
+check (:func:`checks_for`) of every case in ``make test`` (the CLI fits in ``tests/test_conformance_fit.py``). The checks, with their tolerances (``atol`` is the case's
 float32 rounding allowance, default 1e-5 in velocity units):
 
 * ``pipeline_parity`` — k-step Euler sampling of the teacher equals the family's diffusers pipeline at equal noise
@@ -12,20 +12,21 @@ float32 rounding allowance, default 1e-5 in velocity units):
   ``pipeline_atol``.
 * ``cfg`` — ``velocity(guidance=w)`` equals ``v(∅) + w (v(c) − v(∅))`` from two separate passes (teacher and a
   perturbed generator), within ``atol``·(1 + w)·(1 + max |v|); guidance 1 is exactly the conditional pass.
-* ``roles_start_equal[mode]`` — adding roles leaves the global RNG alone (unless the case says otherwise); every role (and ``reference``, ``None``)
-  is *bit-identical* to the teacher, with and without CFG; a perturbed generator differs while the other roles stay
-  bit-identical; a loss through the generator reaches only the generator's parameters.
+* ``roles_start_equal[mode]`` — adding roles leaves the global RNG alone (unless the case says otherwise); every
+  role (and ``reference``, ``None``) is *bit-identical* to the teacher, with and without CFG; a perturbed generator
+  differs while the other roles stay bit-identical; a loss through the generator reaches only its parameters.
 * ``stores_agree`` — LoRA and full-copy stores give bit-identical outputs at init, and after one identical SGD step
   (lr 0.01 on a summed squared error) agree within ``100·atol`` while each moved by more than ``10³·atol`` and by
-  more than 10³ times their difference: a LoRA of rank ≥ fan-in with orthonormal
-  ``A`` and ``alpha = rank`` (scale 1) makes the first SGD step on ``B`` change the weight by exactly ``−η ∇_W L``,
-  the step a full copy takes on the same adapted weights (``∇_A = 0`` while ``B = 0``).
+  more than 10³ times their difference: a LoRA of rank ≥ fan-in with orthonormal ``A`` and ``alpha = rank``
+  (scale 1) makes the first SGD step on ``B`` change the weight by exactly ``−η ∇_W L``, the step a full copy takes
+  on the same adapted weights (``∇_A = 0`` while ``B = 0``).
 * ``merge_fold[mode]`` — a merge makes the teacher the old role (``atol``) and resets the role to it (exactly); a
-  fold keeps the folded roles' functions (``atol``) and leaves the teacher bit-identical; a fresh backbone that loads
-  the role keys reproduces every role bit for bit (merge records and folds come back from the state dict).
-* ``state_dict[mode]`` — role keys hold every role parameter, otherwise only buffers (of full copies, counters) and no
-  frozen base weight (before any merge); a fresh
-  backbone that loads them, or the whole state dict strictly, reproduces every role bit for bit.
+  reset makes any role the base again (exactly); a fold keeps the folded roles' functions (``atol``) and leaves the
+  teacher bit-identical; a fresh backbone that loads the role keys reproduces every role bit for bit (merge records
+  and folds come back from the state dict).
+* ``state_dict[mode]`` — role keys hold every role parameter, otherwise only buffers (of full copies, counters),
+  and no frozen base weight (before any merge); a fresh backbone that loads them, or the whole state dict strictly,
+  reproduces every role bit for bit.
 * ``save_pretrained`` — the family writes its (merged) base in its own layout and loads it back to the same teacher.
 * ``log_prob_batch`` — the log-probabilities ``recompute_log_prob`` gives a flow-SDE rollout are batch-size
   invariant: batch of 4 vs each sample alone vs halves, within ``logp_atol``·(1 + |log p|).
@@ -302,7 +303,11 @@ class Conformance:
             teacher = bb.velocity(x, sigma, cond, role="teacher")
             assert _max(teacher, old_gen) < c.atol and _max(teacher, old_teacher) > 1e3 * c.atol
             assert torch.equal(bb.velocity(x, sigma, cond, role="generator"), teacher)
+            assert _max(bb.velocity(x, sigma, cond, role="fake_score"), teacher) > 1e3 * c.atol
         self._reloads(bb, mode, x, sigma, cond)
+        bb.reset_role("fake_score")  # a reset makes a role the (merged) base again
+        with torch.no_grad():
+            assert torch.equal(bb.velocity(x, sigma, cond, role="fake_score"), teacher)
         # fold
         bb = self.backbone(mode)
         for i, r in enumerate(ROLES):
