@@ -1,6 +1,6 @@
 """The backbone conformance suite (fewstep_rl.testing.conformance) for every case: sd3 (tiny random pipeline in its
 real diffusers layout, loaded through the real code), the shapes world's shipped teacher, and toy2d where a check
-applies. A new backbone gets every check by adding one entry to ``conformance.CASES``; the 2-iteration CLI fit of
+applies. A new backbone gets every check by adding one entry to ``fewstep_rl.testing.cases.CASES``; the 2-iteration CLI fit of
 every method on each case's world is in test_conformance_fit.py."""
 
 import os
@@ -9,7 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from fewstep_rl.testing.conformance import CASES, Conformance, checks_for
+from fewstep_rl.testing.cases import CASES
+from fewstep_rl.testing.conformance import Conformance, checks_for
 
 PARAMS = [
     pytest.param(name, check, arg, id=f"{name}-{check}" + (f"[{arg}]" if arg else ""))

@@ -9,7 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 
 from fewstep_rl import registry
-from fewstep_rl.testing.conformance import CASES, Conformance, checks_for
+from fewstep_rl.testing.cases import CASES
+from fewstep_rl.testing.conformance import Conformance, checks_for
 
 METHODS = registry.names("methods")
 PARAMS = [
