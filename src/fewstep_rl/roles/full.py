@@ -12,7 +12,7 @@ import copy
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fewstep_rl.roles.store import RoleStore
 
@@ -65,6 +65,11 @@ class FullCopyStore(RoleStore):
     def is_base_key(self, key: str) -> bool:
         """The base is role state once a role was merged into it."""
         return bool(self.base_merges > 0)
+
+    def role_state_dict(self, role: str) -> dict[str, Tensor]:
+        """The role's copy's state dict (detached clones)."""
+        self._check_role(role)
+        return {k: v.detach().clone() for k, v in self.copies[role].state_dict().items()}
 
     def networks(self) -> list[nn.Module]:
         """The base, then every copy in role order."""

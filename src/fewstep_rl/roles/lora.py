@@ -201,6 +201,36 @@ class LoraStore(RoleStore):
             return sd
         return {k.replace(".base_layer.", "."): v for k, v in sd.items() if ".lora_" not in k}
 
+    @torch.no_grad()
+    def lora_delta(self, role: str, since_load: bool = True) -> dict[str, tuple[Tensor, Tensor]]:
+        """Role ``role``'s weight change as one low-rank product per adapted layer, for export as a plain LoRA.
+
+        ``W_role = W + up @ down`` for every layer path (``up``: (out, k), ``down``: (k, in), float32 copies; alpha =
+        k gives scale 1): ``W`` is the base as loaded (``since_load``: the merge records are included) or as it is
+        now; the role's folds and its own adapter (each with its ``scale``) are always included.
+        """
+        self._check_role(role)
+        out = {}
+        for path, layer in self.layers():
+            ups, downs = [], []
+            if since_load:
+                for rec in self.merged:
+                    ups.append(rec[_safe(path)].up)
+                    downs.append(rec[_safe(path)].down)
+            for name in (*self.folds_of(role), role):
+                ups.append(layer.lora_B[name].weight * layer.scaling[name])
+                downs.append(layer.lora_A[name].weight)
+            out[path] = (torch.cat(ups, 1).float().clone(), torch.cat(downs, 0).float().clone())
+        return out
+
+    @torch.no_grad()
+    def role_state_dict(self, role: str) -> dict[str, Tensor]:
+        """:meth:`base_state_dict` with ``up @ down`` of :meth:`lora_delta` (since now) added to each layer."""
+        sd = {k: v.detach().clone() for k, v in self.base_state_dict().items()}
+        for path, (up, down) in self.lora_delta(role, since_load=False).items():
+            fold_into(sd[f"{path}.weight"], up, down)
+        return sd
+
     def _add_adapter(self, name: str) -> None:
         add_lora_adapter(self.base, name, self.rank, self.alpha, self.targets)
         self._layers = None

@@ -181,6 +181,11 @@ class RoleStore(nn.Module, ABC):
         """The base's weights (merges folded in) under the names of the plain model, for export."""
         return self.base.state_dict() if self.base is not None else {}
 
+    def role_state_dict(self, role: str) -> dict[str, Tensor]:
+        """The plain base network's state dict with role ``role`` folded in: what a plain model (no adapters) loads
+        to compute that role — a merged export. Stores without a base network raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no base network to export")
+
     # ---------------------------------------------------------------- for subclasses
     @abstractmethod
     def _create(self, name: str, trainable: bool) -> None:

@@ -84,7 +84,7 @@ CASES: dict[str, BackboneCase] = {
     "toy2d": BackboneCase(
         name="toy2d", prepare=lambda w: w, load=_toy2d_load, prompts=("left", "right", ""), modes=("lora",),
         lora=RolesConfig(), world="toy2d", world_args=lambda d, p: ["--world.hidden", "16"], logp_atol=0.0,
-        roles_draw_global_rng=True,
+        roles_draw_global_rng=True, exports=False,
     ),
 }
 

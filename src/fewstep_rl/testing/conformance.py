@@ -28,6 +28,9 @@ with their tolerances (``atol`` is the case's float32 rounding allowance, defaul
   and no frozen base weight (before any merge); a fresh backbone that loads them, or the whole state dict strictly,
   reproduces every role bit for bit.
 * ``save_pretrained`` — the family writes its (merged) base in its own layout and loads it back to the same teacher.
+* ``export[mode]`` — after a merge and a fold, a plain freshly loaded backbone whose base network loads
+  ``store.role_state_dict(role)`` computes that role (``atol``); for LoRA, the weights as loaded plus
+  ``up @ down`` of ``store.lora_delta(role)`` do too (what an exported LoRA or merged pipeline holds).
 * ``log_prob_batch`` — the log-probabilities ``recompute_log_prob`` gives a flow-SDE rollout are batch-size
   invariant: batch of 4 vs each sample alone vs halves, within ``logp_atol``·(1 + |log p|).
 * ``ppo_ratio`` — the PPO ratio ``exp(log p_new − log p_old)`` is 1 at the first inner step (rollout without
@@ -82,6 +85,7 @@ class BackboneCase:
         pipeline_atol: pipeline parity tolerance (latents and images).
         logp_atol: batch-size invariance of log-probabilities, relative to ``1 + |log p|``.
         ratio_atol: ``|ratio − 1|`` allowed at the first inner step.
+        exports: the store has a base network to export (``role_state_dict``; not toy2d's analytic teacher).
         roles_draw_global_rng: adding a role draws from the global RNG (toy2d: its adapters are built with
             ``nn.Linear``'s default initialisation before being re-initialised from a seeded generator; kept so
             runs stay bit-identical to earlier versions). Diffusers families must not.
@@ -104,6 +108,7 @@ class BackboneCase:
     logp_atol: float = 1e-6
     ratio_atol: float = 0.0
     roles_draw_global_rng: bool = False
+    exports: bool = True
 
 
 def checks_for(case: BackboneCase, methods: Sequence[str] = ()) -> list[tuple[str, str | None]]:
@@ -119,6 +124,8 @@ def checks_for(case: BackboneCase, methods: Sequence[str] = ()) -> list[tuple[st
     out += [("state_dict", m) for m in case.modes]
     if case.save is not None:
         out.append(("save_pretrained", None))
+    if case.exports:
+        out += [("export", m) for m in case.modes]
     out += [("log_prob_batch", None), ("ppo_ratio", None)]
     if case.world is not None:
         out += [("cli_fit", m) for m in methods]
@@ -359,6 +366,30 @@ class Conformance:
         x, sigma, cond = self.inputs(bb)
         err = _max(back.velocity(x, sigma, cond, role="teacher"), bb.velocity(x, sigma, cond, role="teacher"))
         assert err < self.case.atol, f"{self.case.name}: saved base differs by {err:.3g}"
+
+    @torch.no_grad()
+    def check_export(self, mode: str) -> None:
+        """A plain backbone loading ``role_state_dict`` (or the loaded weights + ``lora_delta``) computes the role."""
+        bb = self.backbone(mode)
+        perturb(bb, "generator")
+        bb.merge_role("generator")
+        perturb(bb, "generator", seed=2)
+        bb.fold_role("generator", into=["ema"])
+        perturb(bb, "generator", seed=3)
+        x, sigma, cond = self.inputs(bb)
+        exports = {r: bb.store.role_state_dict(r) for r in ("generator", "ema")}
+        if mode == "lora":
+            plain = self.case.load(self.model_dir, None).store.base.state_dict()  # the weights as loaded
+            for path, (up, down) in bb.store.lora_delta("generator").items():
+                w = plain[f"{path}.weight"]
+                plain[f"{path}.weight"] = (w.double() + up.double() @ down.double()).to(w.dtype)
+            exports["generator (loaded + lora_delta)"] = plain
+        for name, sd in exports.items():
+            fresh = self.case.load(self.model_dir, None)
+            fresh.store.base.load_state_dict(sd)
+            role = name.split(" ")[0]
+            err = _max(fresh.velocity(x, sigma, cond, role="teacher"), bb.velocity(x, sigma, cond, role=role))
+            assert err < self.case.atol, f"{self.case.name}: export of {name} differs from the role by {err:.3g}"
 
     def check_log_prob_batch(self) -> None:
         """Log-probabilities of a flow-SDE rollout: batch of 4 = each sample alone = halves."""
