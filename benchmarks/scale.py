@@ -155,7 +155,7 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
     (scratch / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     base = {
         "world.path": str(scratch), "world.prompts": str(scratch / "prompts.txt"), "world.resolution": a.resolution,
-        "world.roles_mode": a.roles, "world.dtype": a.dtype,
+        "roles.mode": a.roles, "world.dtype": a.dtype,
         "rewards": [{"name": "fewstep_rl.perf.bench_reward:MeanPixelReward"}],
         "trainer.accelerator": "cuda" if a.device.startswith("cuda") else "cpu", "trainer.precision": a.precision,
         "trainer.max_steps": 10**6, "trainer.run_dir": str(scratch / "run"), "trainer.progress_bar": False,
@@ -203,8 +203,7 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
 
     module, dm, trainer = assemble(resolved, scratch / "run", [Timer()], run_callback=False)
     module.world.backbone_factory = lambda: build_sd3_backbone(
-        arch, PROMPTS, device=a.device, dtype=dtype, resolution=wc.resolution, roles_mode=wc.roles_mode,
-        lora_rank=wc.lora_rank, lora_alpha=wc.lora_alpha, seed=0)
+        arch, PROMPTS, device=a.device, dtype=dtype, resolution=wc.resolution, roles=resolved.roles, seed=0)
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     fit_s = time.perf_counter() - t_fit

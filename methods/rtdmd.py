@@ -58,11 +58,11 @@ Deviations from the paper / reference code:
     * The stage-boundary merge ("merge the stage-1 adapters into the base, start fresh ones") is a *private* merge:
       the paper keeps separate transformers for teacher, generator and fake score, while here they are roles over
       one base, and merging into that base would change the teacher of stage 2's DM term. So the boundary calls
-      ``Backbone.fold_role`` (backbones/base.py): the generator restarts from its EMA, then the generator's adapter
-      is frozen into the private base of the generator and the EMA role, and the fake score's into its own; all
-      three continue on fresh zero-output adapters (the same function as the paper's merged-weights-plus-new-LoRA;
-      the frozen adapter costs one extra rank-r LoRA product per forward instead of being folded into W). Full-copy
-      roles have nothing to freeze. ``merge_at_boundary: false`` keeps training the stage-1 adapters instead (the
+      ``Backbone.fold_role`` (``RoleStore.fold``, roles/store.py): the generator restarts from its EMA, then the
+      generator's adapter is frozen into the private base of the generator and the EMA role, and the fake score's
+      into its own; all three continue on fresh zero-output adapters (the same function as the paper's
+      merged-weights-plus-new-LoRA; the frozen adapter costs one extra rank-r LoRA product per forward instead of
+      being folded into W). Full-copy roles have nothing to freeze. ``merge_at_boundary: false`` keeps training the stage-1 adapters instead (the
       only option once the backbone is sharded with FSDP2, where folding is not supported; run stage 2 with
       ``init_from`` to fold before sharding is not implemented either).
     * Generator step on iterations with ``iteration % ttur == 0`` (the code: ``(it+1) % 10 == 0``) — a phase shift.

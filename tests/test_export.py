@@ -71,7 +71,7 @@ def ckpts(world):
     cps(0.9) chain, full-copy roles."""
     d = world
     rc = main(["fit", "--method", "dmd2", "--world", "sd3", "--world.path", str(d / "sd3"), "--world.prompts",
-               str(d / "prompts.txt"), "--world.resolution", "16", "--world.lora_rank", "2", "--world.dtype",
+               str(d / "prompts.txt"), "--world.resolution", "16", "--roles.rank", "2", "--world.dtype",
                "float32", "--method.batch_size", "2", "--trainer.max_steps", "1", "--trainer.eval_samples", "2",
                "--trainer.run_dir", str(d / "run"), "--trainer.progress_bar", "false", "--rewards", "jpeg"])
     assert rc == 0
@@ -92,7 +92,7 @@ def ckpts(world):
         m = _rebuilt(trained, "method", "transition", transition)
         _perturb(m, "ema", 6)
         out[name] = _save(m, d / f"{name}.ckpt")
-    full = _rebuilt(trained, "world", "roles_mode", "full")
+    full = _rebuilt(trained, "roles", "mode", "full")
     _perturb(full, "generator", 7, scale=0.02)
     out["full"] = _save(full, d / "full.ckpt")
     return out

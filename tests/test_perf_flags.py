@@ -7,14 +7,14 @@ import torch
 
 from fewstep_rl.perf.arch import ARCHS, build_sd3_backbone
 from fewstep_rl.perf.speed import apply_speed
-from fewstep_rl.roles import add_roles
+from fewstep_rl.roles import RolesConfig, add_roles
 
 PROMPTS = ["a red cube", "two balls"]
 
 
 def _bb(dtype=torch.float32, **speed):
-    bb = build_sd3_backbone(ARCHS["tiny"], PROMPTS, device="cpu", dtype=dtype, resolution=64, lora_rank=4,
-                            lora_alpha=8)
+    bb = build_sd3_backbone(ARCHS["tiny"], PROMPTS, device="cpu", dtype=dtype, resolution=64,
+                            roles=RolesConfig(rank=4, alpha=8))
     add_roles(bb, ["generator", "fake_score"], {"ema": "generator"})
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -37,9 +37,8 @@ def test_plan_static_parts_equal_the_real_backbone():
 
     p = make_plan("dmd2", "tiny", "lora", "fp32", resolution=64, precomputed_text=True, prompt_cache=3)
     lines = dict(p.lines)
-    wc = resolve("dmd2", "sd3", (), {"world.path": ".", "world.prompts": __file__}).world
-    bb = build_sd3_backbone(ARCHS["tiny"], ["a", "b"], device="cpu", dtype=torch.float32, resolution=64,
-                            lora_rank=wc.lora_rank, lora_alpha=wc.lora_alpha)
+    rc = resolve("dmd2", "sd3", (), {"world.path": ".", "world.prompts": __file__}).roles
+    bb = build_sd3_backbone(ARCHS["tiny"], ["a", "b"], device="cpu", dtype=torch.float32, resolution=64, roles=rc)
     cls = resolve("dmd2", "sd3", (), {"world.path": ".", "world.prompts": __file__}).method_cls
     add_roles(bb, cls.trainable_roles, cls.snapshot_roles)
     base = sum(q.numel() * 4 for n, q in bb.transformer.named_parameters() if ".lora_" not in n)

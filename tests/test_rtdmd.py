@@ -147,7 +147,7 @@ def test_contract_roles_change_teacher_frozen_checkpoint_slim(tmp_path):
     sd = torch.load(ck, weights_only=False)["state_dict"]
     assert all(k.startswith("backbone.") and module.backbone.is_role_key(k[9:]) for k in sd)
     n_role = sum(p.numel() for r in module.backbone.roles for p in module.backbone.role_parameters(r))
-    n_fold = sum(p.numel() for p in module.backbone.folded.parameters())  # frozen stage-1 adapters (boundary at 3)
+    n_fold = sum(p.numel() for p in module.backbone.store.folded.parameters())  # frozen stage-1 adapters (boundary at 3)
     assert n_fold == 2 * n_role // 3 and sum(v.numel() for v in sd.values()) == n_role + n_fold
     assert module.updates == {"generator": 1 + 3, "fake_score": 6}  # stage 1: ttur 10 → only iteration 0
 
@@ -161,7 +161,7 @@ def test_resume_across_the_stage_boundary_is_bit_exact(tmp_path, interrupt):
     a, b = role_state(full), role_state(resumed)
     for role in a:
         assert same(a, b, role), f"role {role} differs after resuming at {interrupt}"
-    fa, fb = full.backbone.folded.state_dict(), resumed.backbone.folded.state_dict()  # the frozen stage-1 adapters
+    fa, fb = full.backbone.store.folded.state_dict(), resumed.backbone.store.folded.state_dict()  # the frozen stage-1 adapters
     assert fa and list(fa) == list(fb) and all(torch.equal(fa[k], fb[k]) for k in fa)
     assert resumed.updates == full.updates == {"generator": 2 + 3, "fake_score": 6}
 
@@ -212,9 +212,9 @@ def test_stage_boundary_restarts_generator_from_ema(tmp_path):
     assert torch.equal(after["teacher"], before["teacher"])  # stage 2's DM term still uses the original teacher
     for r, ref in (("generator", "ema"), ("ema", "ema"), ("fake_score", "fake_score")):
         torch.testing.assert_close(after[r], before[ref], rtol=0, atol=1e-6)
-        assert float(bb.adapters[r].last.weight.abs().sum()) == 0, r  # fresh zero-output adapter
+        assert float(bb.store.adapters[r].last.weight.abs().sum()) == 0, r  # fresh zero-output adapter
     trainable = {id(p) for r in m.trainable_roles for p in bb.role_parameters(r)}
-    assert not trainable & {id(p) for p in bb.folded.parameters()}
+    assert not trainable & {id(p) for p in bb.store.folded.parameters()}
     assert all(len(m.opt(r).optimizer.state) == 0 for r in m.trainable_roles)
 
 

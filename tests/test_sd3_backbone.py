@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 from fewstep_rl.backbones import tiny  # noqa: E402
 from fewstep_rl.backbones.sd3 import BackboneLoadError, SD3Backbone  # noqa: E402
-from fewstep_rl.roles import add_roles  # noqa: E402
+from fewstep_rl.roles import RolesConfig, add_roles  # noqa: E402
 from fewstep_rl.sampling import Transition, sample, sigma_grid  # noqa: E402
 
 PROMPTS = ["a red cube", "two blue balls"]
@@ -50,7 +50,7 @@ def _noise(bb, n=2, seed=0):
 def _with_roles(path, mode="lora", **kw):
     """A backbone with generator, fake_score and an ema snapshot (rank-4 LoRA or full copies)."""
     kw.setdefault("resolution", 16)  # 256 image tokens instead of 1024: 4x cheaper forwards
-    bb = SD3Backbone.from_pretrained(path, roles_mode=mode, lora_rank=4, lora_alpha=8, **kw)
+    bb = SD3Backbone.from_pretrained(path, roles=RolesConfig(mode=mode, rank=4, alpha=8), **kw)
     add_roles(bb, **ROLES)
     return bb
 
@@ -189,24 +189,24 @@ def test_merge_reset_and_state_dict_round_trip(world, mode):
         assert torch.equal(bb.velocity(x, sigma, cond, role="generator"), teacher)  # reset to the new base
         fake = bb.velocity(x, sigma, cond, role="fake_score")
         assert not torch.allclose(fake, teacher)
-    assert int(bb.base_merges) == 1
+    assert int(bb.store.base_merges) == 1
 
     kept = {k: v for k, v in bb.state_dict().items() if bb.is_role_key(k)}
     for k in kept:
         if mode == "lora":
-            assert ".lora_A." in k or ".lora_B." in k or k.startswith("merged.") or k == "base_merges", k
+            assert ".lora_A." in k or ".lora_B." in k or k.startswith("store.merged.") or k == "store.base_merges", k
         else:
-            assert k.startswith(("copies.", "transformer.")) or k == "base_merges", k  # base kept once merged
+            assert k.startswith(("store.copies.", "transformer.")) or k == "store.base_merges", k  # base kept once merged
     assert not any(k.startswith(("clip_encoders.", "t5_encoder.", "vae.")) for k in kept)
     if mode == "lora":
-        assert not any("base_layer" in k for k in kept) and any(k.startswith("merged.0.") for k in kept)
+        assert not any("base_layer" in k for k in kept) and any(k.startswith("store.merged.0.") for k in kept)
 
     fresh = _with_roles(world, mode)
     fresh.load_state_dict(kept, strict=False)
     with torch.no_grad():
         for role in ("teacher", "generator", "fake_score", "ema"):
             assert torch.equal(fresh.velocity(x, sigma, cond, role=role), bb.velocity(x, sigma, cond, role=role))
-    assert int(fresh.base_merges) == 1
+    assert int(fresh.store.base_merges) == 1
     full = _with_roles(world, mode)
     full.load_state_dict(bb.state_dict())  # strict, base weights included: the (merged) base in the file wins
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_merge_reset_and_state_dict_round_trip(world, mode):
         bare.load_state_dict({k: v for k, v in kept.items() if not k.startswith("transformer.")}, strict=False)
         with torch.no_grad():
             assert torch.equal(bare.velocity(x, sigma, cond, role="teacher"), teacher)
-        assert len(fresh.merged) == 1
+        assert len(fresh.store.merged) == 1
         fresh.load_state_dict(kept, strict=False)  # reloading the same records applies nothing twice
         with torch.no_grad():
             assert torch.equal(fresh.velocity(x, sigma, cond, role="teacher"), teacher)
@@ -247,7 +247,7 @@ def test_fold_role_gives_chosen_roles_a_private_base(world, mode):
     assert (after["generator"] - before["generator"]).abs().max() < 1e-5
     assert (after["ema"] - before["generator"]).abs().max() < 1e-5 and not torch.allclose(after["ema"], before["ema"])
     assert (after["fake_score"] - before["fake_score"]).abs().max() < 1e-5
-    assert int(bb.base_merges) == 0
+    assert int(bb.store.base_merges) == 0
     if mode == "lora":
         assert bb.folds == ["fold0__generator__ema", "fold1__fake_score"]
         assert bb.folds_of("ema") == ["fold0__generator__ema"] and bb.folds_of("teacher") == []
@@ -281,8 +281,8 @@ def test_checkpoint_keys_before_any_merge(world):
     bb = _with_roles(world)
     keys = [k for k in bb.state_dict() if bb.is_role_key(k)]
     n = sum(p.numel() for r in bb.roles for p in bb.role_parameters(r))
-    assert n == sum(bb.state_dict()[k].numel() for k in keys if k != "base_merges")
-    assert all(".lora_" in k for k in keys if k != "base_merges")
+    assert n == sum(bb.state_dict()[k].numel() for k in keys if k != "store.base_merges")
+    assert all(".lora_" in k for k in keys if k != "store.base_merges")
     assert len(bb.role_parameters("generator")) == len(bb.role_parameters("ema")) > 0
     units = list(bb.fsdp_units())  # every module with parameters is a unit: the root is never called directly
     assert units[: len(bb.transformer.transformer_blocks)] == list(bb.transformer.transformer_blocks)

@@ -65,7 +65,7 @@ def test_fit_runs_on_the_world_through_the_cli(model_dir, prompts, tmp_path):
 
     run = tmp_path / "run"
     rc = main(["fit", "--method", "dmd2", "--world", "sd3", "--world.path", str(model_dir), "--world.prompts",
-               str(prompts), "--world.resolution", "16", "--world.lora_rank", "2", "--method.batch_size", "2",
+               str(prompts), "--world.resolution", "16", "--roles.rank", "2", "--method.batch_size", "2",
                "--trainer.max_steps", "2", "--trainer.eval_samples", "2", "--trainer.run_dir", str(run),
                "--trainer.progress_bar", "false", "--rewards", "jpeg"])
     assert rc == 0

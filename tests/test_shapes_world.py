@@ -13,7 +13,7 @@ import torch
 from fewstep_rl import registry
 from fewstep_rl.testing.contract import run_fit
 from fewstep_rl.worlds.shapes import grammar, render
-from fewstep_rl.worlds.shapes.world import ShapesConfig, ShapesWorld
+from fewstep_rl.worlds.shapes.world import ShapesWorld
 
 CLI = [str(Path(sys.executable).parent / "fewstep-rl")]
 
@@ -55,15 +55,14 @@ def test_bad_world_directory_is_one_clear_error(tmp_path):
 
 def test_checkpoint_on_shapes_holds_only_lora_weights(tmp_path):
     ck = tmp_path / "a.ckpt"
-    fresh = ShapesWorld(ShapesConfig(lora_rank=2))
     module, _, logged = run_fit("dmd2", tmp_path, steps=2, world="shapes", save_as=str(ck))
     assert logged["_all_finite"] == 1.0
     sd = torch.load(ck, weights_only=False)["state_dict"]
-    frozen = [k for k in sd if ".lora_" not in k and k != "backbone.base_merges"]  # base_merges: the merge record
+    frozen = [k for k in sd if ".lora_" not in k and k != "backbone.store.base_merges"]  # the merge count
     assert sd and not frozen, frozen[:5]
     base = sum(p.numel() for p in module.backbone.transformer.parameters() if not p.requires_grad)
     assert sum(v.numel() for v in sd.values()) < 0.1 * base
-    assert fresh.cfg.lora_rank == 2
+    assert module.world.roles_config().rank == 2 and module.backbone.store.rank == 2
 
 
 @pytest.mark.parametrize("source", ["teacher", "ckpt"])

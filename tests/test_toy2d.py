@@ -137,18 +137,18 @@ def test_roles_start_equal_to_teacher_and_merge():
     assert torch.equal(gen_w, other.role_parameters("generator")[0])
 
     with torch.no_grad():
-        bb.adapters["generator"].last.weight.normal_(generator=gen(5))
+        bb.store.adapters["generator"].last.weight.normal_(generator=gen(5))
     v_gen = bb.velocity(x, s, c, role="generator")
     assert not torch.allclose(v_gen, teacher)
     assert torch.equal(bb.velocity(x, s, c, role="fake_score"), teacher)  # roles are independent
     v_gen.sum().backward()
-    assert bb.adapters["generator"].last.weight.grad is not None and bb.adapters["fake_score"].last.weight.grad is None
+    assert bb.store.adapters["generator"].last.weight.grad is not None and bb.store.adapters["fake_score"].last.weight.grad is None
 
     bb.merge_role("generator")
     torch.testing.assert_close(bb.velocity(x, s, c, role="teacher"), v_gen, rtol=0, atol=1e-6)
     assert torch.equal(bb.velocity(x, s, c, role="generator"), bb.velocity(x, s, c, role="teacher"))  # reset
     assert not torch.equal(bb.role_parameters("generator")[0], gen_w)  # fresh hidden layers after a reset
-    assert all(not p.requires_grad for p in bb.merged.parameters())
+    assert all(not p.requires_grad for p in bb.store.merged.parameters())
     assert all(p.requires_grad for p in bb.role_parameters("generator"))
 
 
@@ -156,13 +156,13 @@ def test_state_dict_holds_roles_and_merged_deltas_and_reloads():
     bb = mixture_backbone()
     add_roles(bb, ["generator"], {"ema": "generator"})
     with torch.no_grad():
-        bb.adapters["generator"].last.bias.fill_(0.25)
+        bb.store.adapters["generator"].last.bias.fill_(0.25)
     copy_role(bb, "ema", "generator")
     torch.testing.assert_close(bb.role_parameters("ema")[-1], torch.full((2,), 0.25))
     bb.merge_role("generator")
     sd = bb.state_dict()
     assert sd and all(bb.is_role_key(k) for k in sd)
-    assert not bb.is_role_key("means") and bb.is_role_key("merged.0.net.0.weight")
+    assert not bb.is_role_key("means") and bb.is_role_key("store.merged.0.net.0.weight")
     fresh = mixture_backbone()
     add_roles(fresh, ["generator"], {"ema": "generator"})
     fresh.load_state_dict(sd)
@@ -313,8 +313,8 @@ def test_fold_role_keeps_function_and_teacher_and_round_trips():
     bb = mixture_backbone()
     add_roles(bb, ["generator", "fake_score"], {"ema": "generator"})
     with torch.no_grad():
-        bb.adapters["generator"].last.weight.normal_(generator=gen(5))
-        bb.adapters["fake_score"].last.bias.fill_(0.5)
+        bb.store.adapters["generator"].last.weight.normal_(generator=gen(5))
+        bb.store.adapters["fake_score"].last.bias.fill_(0.5)
     x, c, s = torch.randn(16, 2, generator=gen()), bb.encode_prompts(["", "a", "bc", "a"] * 4), 0.4
     before = {r: bb.velocity(x, s, c, r) for r in ("teacher", "generator", "fake_score", "ema")}
     bb.fold_role("generator", into=["ema"])
@@ -323,20 +323,20 @@ def test_fold_role_keeps_function_and_teacher_and_round_trips():
     torch.testing.assert_close(bb.velocity(x, s, c, "ema"), before["generator"], rtol=0, atol=1e-12)
     assert torch.equal(bb.velocity(x, s, c, "teacher"), before["teacher"])
     assert torch.equal(bb.velocity(x, s, c, "fake_score"), before["fake_score"])
-    assert float(bb.adapters["generator"].last.weight.abs().sum()) == 0  # a fresh adapter on top
-    assert all(not p.requires_grad for p in bb.folded.parameters())
+    assert float(bb.store.adapters["generator"].last.weight.abs().sum()) == 0  # a fresh adapter on top
+    assert all(not p.requires_grad for p in bb.store.folded.parameters())
     bb.velocity(x, s, c, "generator").sum().backward()
-    assert all(p.grad is None for p in bb.folded.parameters())
+    assert all(p.grad is None for p in bb.store.folded.parameters())
     with pytest.raises(ValueError, match="sits on folds"):
         bb.fold_role("fake_score", into=["generator"])
     with pytest.raises(KeyError, match="unknown role"):
         bb.fold_role("nope")
     with torch.no_grad():
-        bb.adapters["generator"].last.bias.fill_(-0.25)
+        bb.store.adapters["generator"].last.bias.fill_(-0.25)
     fresh = mixture_backbone()
     add_roles(fresh, ["generator", "fake_score"], {"ema": "generator"})
     fresh.load_state_dict(bb.state_dict())  # strict: the fold comes back from the state dict
-    assert fresh.folds == bb.folds and not any(p.requires_grad for p in fresh.folded.parameters())
+    assert fresh.folds == bb.folds and not any(p.requires_grad for p in fresh.store.folded.parameters())
     for r in ("teacher", "generator", "fake_score", "ema"):
         assert torch.equal(fresh.velocity(x, s, c, r), bb.velocity(x, s, c, r)), r
     with pytest.raises(ValueError, match="letters, digits"):

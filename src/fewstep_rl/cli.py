@@ -111,6 +111,7 @@ FIT_FLAGS = {"method": "value", "world": "value", "config": "list", "ckpt_path":
 
 def _method_help(method: str | None, world: str | None) -> str:
     from fewstep_rl.eval.monitor import MonitorConfig
+    from fewstep_rl.roles.config import RolesConfig
     from fewstep_rl.run import DEFAULT_WORLD, TrainerConfig, preset_path
 
     if method is None:
@@ -127,6 +128,8 @@ def _method_help(method: str | None, world: str | None) -> str:
     lines += ["", f"preset for world {world!r}: {p if p else '(none; dataclass defaults)'}", "",
               f"method options ({cls.Config.__name__}):", *help_lines(cls.Config, "method"), "",
               f"world options ({world}):", *help_lines(wcls.Config, "world"), "",
+              f"roles options (defaults of world {world!r}: {getattr(wcls, 'roles_defaults', {}) or 'none'}):",
+              *help_lines(RolesConfig, "roles"), "",
               "trainer options:", *help_lines(TrainerConfig, "trainer"), "",
               "rewards: a list, e.g. --rewards '[{name: linear, w: [1.0, 0.0]}]'; "
               f"installed: {', '.join(registry.names('rewards'))}",

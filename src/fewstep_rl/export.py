@@ -11,7 +11,7 @@ Two forms (issue 16, item 4), both for the ``sd3`` world:
   relative to ``world.path`` as it is at export time: it must still hold the base training started from.
 * **Merged** (``--merge``): a complete pipeline directory that ``DiffusionPipeline.from_pretrained(DIR)`` loads:
   the world's components copied byte for byte, with ``transformer/`` = base + ΔW (computed in float64, written in
-  the world's ``dtype``), or the role's own transformer when roles are full copies (``world.roles_mode: full``;
+  the world's ``dtype``), or the role's own transformer when roles are full copies (``roles.mode: full``;
   then this is the only form: a full copy has no LoRA).
 
 Both write ``DIR/scheduler/`` (a ``FlowMatchEulerDiscreteScheduler`` with ``shift = 1``, so the ``sigmas=`` passed
@@ -130,36 +130,20 @@ def _short(x: float) -> float:
 def role_weights(backbone: Any, role: str) -> dict[str, tuple[Tensor, Tensor]] | nn.Module:
     """The role as LoRA factors relative to the world's base, or (full-copy roles) its own transformer.
 
-    The only function that reads how a backbone stores roles; re-point it when that storage moves. It uses:
-    ``backbone.roles_mode``, ``backbone.copies[role]`` (full mode), ``backbone.transformer.state_dict()`` keys
-    ``<layer>.lora_A.<adapter>.weight`` / ``lora_B``, ``backbone.transformer.peft_config[adapter]`` (``r``,
-    ``lora_alpha``), ``backbone.folds_of(role)`` and ``backbone.merged`` (merge records: one ``ModuleDict`` per merge,
-    keyed by layer path with ``.`` → ``__``, holding ``up = scale·B`` and ``down = A``).
+    Reads the backbone's role store (:mod:`fewstep_rl.roles`) only: ``FullCopyStore.activate(role)`` is the role's
+    network; ``LoraStore.lora_delta(role, since_load=True)`` its whole difference from the base on disk (merges, then
+    folds, then the role's adapter, stacked along the rank, the peft scale inside ``up``).
 
     Returns:
-        ``{layer path: (up (out, R), down (R, in))}`` with ``ΔW = up @ down`` the role's whole difference from the
-        base on disk (merges, then folds, then the role's adapter, stacked along the rank), in float32; or the
-        role's transformer module.
+        ``{layer path: (up (out, R), down (R, in))}`` with ``ΔW = up @ down``, in float32; or the role's transformer.
     """
-    if backbone.roles_mode == "full":
-        return backbone.copies[role]
-    sd = backbone.transformer.state_dict()
-    parts: dict[str, list[tuple[Tensor, Tensor]]] = {}
-    for record in backbone.merged:
-        for key, delta in record.items():
-            parts.setdefault(key.replace("__", "."), []).append((delta.up.float(), delta.down.float()))
-    for adapter in [*backbone.folds_of(role), role]:
-        cfg = backbone.transformer.peft_config[adapter]
-        scale = float(cfg.lora_alpha) / float(cfg.r)
-        tag = f".lora_A.{adapter}.weight"
-        for key, down in sd.items():
-            if key.endswith(tag):
-                path = key[: -len(tag)]
-                up = sd[f"{path}.lora_B.{adapter}.weight"]
-                parts.setdefault(path, []).append((scale * up.float(), down.float()))
+    store = backbone.store
+    if store.kind == "full":
+        return store.activate(role)
+    parts = store.lora_delta(role, since_load=True)
     if not parts:
         raise UsageError(f"export: role {role!r} has no LoRA weights in this checkpoint")
-    return {p: (torch.cat([u for u, _ in fs], dim=1), torch.cat([d for _, d in fs], dim=0)) for p, fs in parts.items()}
+    return parts
 
 
 def lora_state_dict(factors: dict[str, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -307,7 +291,7 @@ def export(ckpt: str, out: str | Path, merge: bool = False, role: str | None = N
     role = _role(method, role)
     weights = role_weights(method.backbone, role)
     if isinstance(weights, nn.Module) and not merge:
-        raise UsageError("export: the roles are full copies (world.roles_mode: full), so there is no LoRA to write; "
+        raise UsageError("export: the roles are full copies (roles.mode: full), so there is no LoRA to write; "
                          "add --merge to export the role's whole transformer as a pipeline directory")
     fs = few_step(method)
     meta: dict[str, Any] = {"format": "merged" if merge else "lora", "method": method.name, "role": role,

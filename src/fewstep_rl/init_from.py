@@ -57,6 +57,7 @@ def load_roles(backbone: Any, path: str | Path, roles: Mapping[str, str]) -> dic
         ValueError: If shapes differ (different adapter settings).
     """
     sd, meta = read_role_state(path)
+    backbone.upgrade_state_dict(sd)  # role keys of earlier versions
     names = {id(p): n for n, p in backbone.named_parameters(remove_duplicate=False)}
     role_keys: set[str] = set()
     for r in backbone.roles:

@@ -235,6 +235,7 @@ class FewStepMethod(L.LightningModule):
             raise ValueError(f"checkpoint was written by method {state['method']!r}, not {self.name!r}")
         self.iteration, self.stream_pos = state["iteration"], state["stream_pos"]
         self.updates.update(state["updates"])
+        self.backbone.upgrade_state_dict(checkpoint["state_dict"], "backbone.")  # keys of earlier versions
         self.check_role_keys(checkpoint["state_dict"])
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "stream"):

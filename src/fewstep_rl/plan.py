@@ -46,7 +46,7 @@ _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 class PlanResult:
     method: str
     arch: str
-    roles_mode: str
+    roles: str
     precision: str
     devices: int
     strategy: str
@@ -72,7 +72,7 @@ class PlanResult:
         return 10**6 if per == 0 else int(free // per)
 
     def format(self, memory_gb: float | None = None) -> str:
-        head = (f"plan: {self.method} on {self.arch}, {self.roles_mode} roles, {self.precision}, "
+        head = (f"plan: {self.method} on {self.arch}, {self.roles} roles, {self.precision}, "
                 f"{self.devices} device(s){' fsdp2' if self.strategy == 'fsdp2' else ''}, "
                 f"batch_size {self.batch_size} × group {self.group_size}")
         rows = [head, f"  {'item':<58} {'GiB/device':>10}"]
@@ -234,7 +234,6 @@ def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[lis
     live: list[tuple] = []
     nograd: Counter = Counter()
     arch = get_arch("tiny")
-    wc = resolved.world
 
     class Rec(L.Callback):
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -263,8 +262,7 @@ def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[lis
 
     module, dm, trainer = assemble(resolved, scratch / "run", [Rec()], run_callback=False)
     module.world.backbone_factory = lambda: build_sd3_backbone(
-        arch, prompts, device="cpu", dtype=torch.float32, resolution=64, roles_mode=wc.roles_mode,
-        lora_rank=wc.lora_rank, lora_alpha=wc.lora_alpha)
+        arch, prompts, device="cpu", dtype=torch.float32, resolution=64, roles=resolved.roles)
     orig_backward = torch.Tensor.backward
 
     def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -309,23 +307,23 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
     a = get_arch(arch)
     wbytes = _BYTES[precision]
     dtype = {2: torch.bfloat16, 4: torch.float32}[wbytes]
-    over = {"world.roles_mode": roles, **(overrides or {})}
+    over = {"roles.mode": roles, **(overrides or {})}
     scratch_over = {"world.path": ".", "world.prompts": __file__}
     resolved = resolve(method, "sd3", (), {**scratch_over, **over})
-    wc, mcls = resolved.world, resolved.method_cls
+    rc, mcls = resolved.roles, resolved.method_cls
     trainable = list(mcls.trainable_roles)
     snapshots = list(mcls.snapshot_roles)
     from fewstep_rl.backbones.sd3 import DEFAULT_LORA_TARGETS
 
-    targets = list(wc.lora_targets or DEFAULT_LORA_TARGETS)
-    key = (arch, precision, roles, wc.lora_rank, wc.lora_alpha, tuple(targets), resolution)
+    targets = list(rc.targets or DEFAULT_LORA_TARGETS)
+    key = (arch, precision, roles, rc.lora_rank, rc.lora_alpha, tuple(targets), resolution)
     if key not in _META:  # the meta-device model and its replays, shared by plans of the same configuration
         t = build_transformer(a, "meta", dtype)
         vae = build_vae(a, "meta", dtype)
         _META[key] = (t, sum(p.numel() for p in t.parameters()),
                       sum(p.numel() for p in vae.parameters()) if vae is not None else 0, {}, [False], vae)
     t, base, vae_n, cache, adapted, vae = _META[key]
-    role_n = lora_params(t, targets, wc.lora_rank) if roles == "lora" else base
+    role_n = lora_params(t, targets, rc.lora_rank) if roles == "lora" else base
     shard = devices if strategy == "fsdp2" else 1
     lines: list[tuple[str, float]] = [
         (f"base transformer ({base / 1e9:.2f} B params)", base * wbytes / GiB / shard),
@@ -349,15 +347,14 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
         lines.append(("one gathered transformer block (fsdp2)", blk * wbytes / GiB))
     # activations from the counted grad passes
     method_over = {k: v for k, v in over.items() if k.startswith("method.")}
-    groups, nograd, b, k = count_passes(method, {"world.roles_mode": roles, **method_over})
+    groups, nograd, b, k = count_passes(method, {"roles.mode": roles, **method_over})
     side = resolution // a.vae_factor
     sample_shape = (int(t.config.in_channels), side, side)
 
     if roles == "lora" and not adapted[0]:
-        from peft import LoraConfig
+        from fewstep_rl.roles.lora import add_lora_adapter
 
-        t.add_adapter(LoraConfig(r=wc.lora_rank, lora_alpha=wc.lora_alpha, target_modules=targets),
-                      adapter_name="bench")
+        add_lora_adapter(t, "bench", rc.lora_rank, rc.lora_alpha, targets)
         adapted[0] = True
 
     def per_sample(trainable: bool) -> tuple[int, int, int]:

@@ -1,11 +1,15 @@
 """Run configuration and assembly: resolve a config, build world, rewards, method, data and Trainer.
 
-The run config has four sections::
+The run config has five sections (plus the optional ``judges``/``monitor``)::
 
     method:  {...}                       # the method's typed Config (``--method NAME`` picks the class)
     world:   {name: toy2d, ...}          # the world's typed Config
+    roles:   {mode: lora, rank: 32, alpha: 64.0, targets: null}   # RolesConfig; defaults: the world's
     rewards: [{name: linear, weight: 1.0, w: [1.0, 0.0]}, ...]   # default: the world's default rewards
     trainer: {...}                       # TrainerConfig below
+
+The keys ``world.roles_mode``, ``world.lora_rank``, ``world.lora_alpha`` and ``world.lora_targets`` of earlier
+versions are read as ``roles.mode``/``rank``/``alpha``/``targets`` (old checkpoints and configs keep working).
 
 Layers, later wins: the packaged preset ``configs/<method>/<world>.yaml`` (when it exists) ← each ``--config FILE``
 ← dotted overrides. Everything is validated against the dataclasses before any model is built.
@@ -29,9 +33,10 @@ import yaml
 
 from fewstep_rl import registry
 from fewstep_rl.config import ConfigError, build, knob, plugin_preset, to_dict, unknown_key_message
+from fewstep_rl.roles.config import LEGACY_WORLD_KEYS, RolesConfig
 
 DEFAULT_WORLD = "shapes"
-SECTIONS = ("method", "world", "rewards", "trainer", "judges", "monitor")
+SECTIONS = ("method", "world", "roles", "rewards", "trainer", "judges", "monitor")
 
 
 @dataclass
@@ -89,11 +94,13 @@ class Resolved:
     trainer: TrainerConfig
     judges: list[tuple[str, type, Any, float]] = dataclasses.field(default_factory=list)
     monitor: Any = None
+    roles: RolesConfig = dataclasses.field(default_factory=RolesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
             "method": {"name": self.method_name, **to_dict(self.method)},
             "world": {"name": self.world_name, **to_dict(self.world)},
+            "roles": to_dict(self.roles),
             "rewards": [{"name": n, "weight": w, **to_dict(c)} for n, _, c, w in self.rewards],
             "trainer": to_dict(self.trainer),
         }
@@ -190,12 +197,53 @@ def resolve(
     wsec = dict(merged.get("world") or {})
     if wsec.pop("name", world) != world:
         raise ConfigError(f"config says world.name={merged['world']['name']!r} but --world is {world!r}")
+    rsec = legacy_roles(wsec, merged.get("roles"), quiet=raw is not None)
     method_cfg = build(method_cls.Config, msec, "method")
     world_cfg = build(world_cls.Config, wsec, "world")
+    roles_cfg = resolve_roles(rsec, world_cls)
     trainer_cfg = build(TrainerConfig, merged.get("trainer"), "trainer")
     rewards = resolve_rewards(merged.get("rewards"), world_cls, world_cfg)
     judges, monitor = resolve_judges(merged, world_cls, world_cfg)
-    return Resolved(method, method_cls, method_cfg, world, world_cls, world_cfg, rewards, trainer_cfg, judges, monitor)
+    return Resolved(method, method_cls, method_cfg, world, world_cls, world_cfg, rewards, trainer_cfg, judges, monitor,
+                    roles_cfg)
+
+
+def legacy_roles(wsec: dict, roles: Any, quiet: bool = False) -> Any:
+    """Move the pre-``roles`` keys ``world.roles_mode|lora_rank|lora_alpha|lora_targets`` (removed from ``wsec``)
+    into a copy of the ``roles`` section. A key given both ways with different values is an error, except in a
+    checkpoint's recorded config (``quiet``), where the ``roles`` key (a later override) wins."""
+    old = {k: wsec.pop(k) for k in list(wsec) if k in LEGACY_WORLD_KEYS}
+    if not old:
+        return roles
+    if roles is not None and not isinstance(roles, dict):
+        raise ConfigError(f"'roles': expected a mapping, got {roles!r}")
+    rsec = dict(roles or {})
+    for k, v in old.items():
+        new = LEGACY_WORLD_KEYS[k]
+        if new in rsec:
+            if quiet or rsec[new] == v:
+                continue
+            raise ConfigError(f"'world.{k}' and 'roles.{new}' are the same setting; give only roles.{new}")
+        rsec[new] = v
+        if not quiet:
+            import sys
+
+            print(f"note: world.{k} is now roles.{new}", file=sys.stderr)
+    return rsec
+
+
+def resolve_roles(rsec: Any, world_cls: type) -> RolesConfig:
+    """The ``roles`` section over the world's defaults, checked by the world (raises :class:`ConfigError`)."""
+    if rsec is not None and not isinstance(rsec, dict):
+        raise ConfigError(f"'roles': expected a mapping, got {rsec!r}")
+    roles = build(RolesConfig, {**getattr(world_cls, "roles_defaults", {}), **(rsec or {})}, "roles")
+    check = getattr(world_cls, "check_roles", None)
+    if check is not None:
+        try:
+            check(roles)
+        except ValueError as e:
+            raise ConfigError(f"'roles': {e}") from None
+    return roles
 
 
 def resolve_judges(merged: Mapping, world_cls: type, world_cfg: Any) -> tuple[list, Any]:
@@ -243,14 +291,17 @@ def resolve_world(world: str | None, configs: tuple[str, ...] = (), overrides: M
     for k, v in dict(overrides).items():
         set_dotted(merged, k, v)
     for key in merged:
-        if key not in ("world", "rewards"):
-            raise ConfigError(f"with --teacher only 'world' and 'rewards' keys apply, got '{key}'")
+        if key not in ("world", "roles", "rewards"):
+            raise ConfigError(f"with --teacher only 'world', 'roles' and 'rewards' keys apply, got '{key}'")
     wsec = dict(merged.get("world") or {})
     name = world or wsec.pop("name", None) or DEFAULT_WORLD
     wsec.pop("name", None)
     world_cls = registry.load("worlds", name)
+    rsec = legacy_roles(wsec, merged.get("roles"))
     world_cfg = build(world_cls.Config, wsec, "world")
+    roles_cfg = resolve_roles(rsec, world_cls)
     w = world_cls(world_cfg)
+    w.roles_cfg = roles_cfg
     return w, _multi_reward(resolve_rewards(merged.get("rewards"), world_cls, world_cfg), w)
 
 
@@ -283,6 +334,7 @@ def build_method(resolved: Resolved) -> Any:
         world = resolved.world_cls(resolved.world)
     except (ValueError, OSError) as e:
         raise ConfigError(f"world {resolved.world_name!r}: {e}") from None
+    world.roles_cfg = resolved.roles
     rewards = build_rewards(resolved, world)
     try:
         return resolved.method_cls(

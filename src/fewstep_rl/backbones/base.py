@@ -1,26 +1,17 @@
-"""The backbone contract: one frozen base denoiser plus named, trainable *role adapters* over it.
+"""The backbone contract: one frozen base denoiser, text conditioning and decoding, owning a role store.
 
 Flow convention everywhere (methods.md §1.1): ``x_σ = (1-σ)·x0 + σ·ε``, σ ∈ [0, 1], the network predicts the
-velocity ``v ≈ ε - x0``. A backbone family implements the adapter mechanics (peft LoRA for diffusers models,
-residual MLPs for the analytic toy2d teacher, or full copies); :mod:`fewstep_rl.roles` builds the named roles
-(generator, fake_score, surrogate, ema, old, sampler …) on top of these primitives, so methods never see how a
-role is stored.
+velocity ``v ≈ ε - x0``. A backbone family implements only the model's inputs and outputs — ``_predict`` (one
+forward of the network :meth:`RoleStore.activate` returns), ``encode_prompts``/``null_cond``, ``decode``/``encode``
+— and owns a :class:`~fewstep_rl.roles.store.RoleStore` (attribute ``store``) over its base network. Everything
+about roles (add, parameters, reset, merge, fold, which keys are checkpointed, what a state dict must create before
+it loads) is the store's; the methods here delegate to it, so methods never see how a role is stored.
 
-Role names ``"teacher"`` and ``"reference"`` (and ``None``) always mean the frozen base with every adapter off.
-
-Two ways to make an adapter permanent (both part of the checkpoint):
-
-* :meth:`Backbone.merge_role` folds a role into the base *every* role and the teacher share (the teacher changes).
-* :meth:`Backbone.fold_role` folds a role into the private base of chosen roles only: a frozen copy of its adapter
-  (a *fold*, named ``fold<k>__<role>__<role>…`` after the roles it serves) stays active under those roles, which
-  restart from fresh zero-output adapters on top. The teacher and every other role are unchanged. This is RTDMD's
-  "merge the stage-1 adapters into the base and start fresh ones" (methods.md §2) when the generator, the fake score
-  and the teacher are separate networks in the paper but roles over one base here.
+Role names ``"teacher"`` and ``"reference"`` (and ``None``) always mean the frozen base with every role off.
 """
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,16 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-BASE_ROLES = ("teacher", "reference")
-_FOLD = re.compile(r"^fold(\d+)__([A-Za-z0-9_]+)$")
+from fewstep_rl.roles.store import BASE_ROLES, RoleStore, parse_fold
 
-
-def parse_fold(name: str) -> tuple[int, tuple[str, ...]] | None:
-    """``(index, member roles)`` of a fold adapter name ``fold<k>__<role>__<role>…``; ``None`` for other names."""
-    m = _FOLD.match(name)
-    if m is None:
-        return None
-    return int(m.group(1)), tuple(m.group(2).split("__"))
+__all__ = ["BASE_ROLES", "Backbone", "BackboneLoadError", "parse_fold"]
 
 
 class BackboneLoadError(ValueError):
@@ -45,23 +29,23 @@ class BackboneLoadError(ValueError):
 
 
 class Backbone(nn.Module, ABC):
-    """Frozen base denoiser + text conditioning + optional decoder, with named role adapters.
+    """Frozen base denoiser + text conditioning + optional decoder, with named roles in ``store``.
 
-    Subclasses implement ``_predict`` (raw velocity for one role, no guidance), the adapter primitives and the
-    prompt encoding. Guidance (CFG against the null prompt) is implemented once here.
+    Subclasses set ``self.store`` in ``__init__`` (after registering their base network) and implement
+    ``_predict`` (raw velocity for one role, no guidance) and the prompt encoding. Guidance (CFG against the null
+    prompt) is implemented once here.
 
     Attributes:
         sample_shape: shape of one sample in the space the sampler works in (latents), without batch dim.
-        roles: names of the adapters created so far, in creation order.
+        store: the role store (its sub-module key prefix ``store.`` marks role state in state dicts).
     """
 
     sample_shape: tuple[int, ...]
+    store: RoleStore
 
     def __init__(self) -> None:
         super().__init__()
-        self.roles: list[str] = []
-        self.trainable: dict[str, bool] = {}
-        self.folds: list[str] = []  # fold adapters in creation order (see fold_role)
+        self.register_load_state_dict_pre_hook(self._before_load)
 
     # ---------------------------------------------------------------- prediction
     def velocity(
@@ -126,103 +110,82 @@ class Backbone(nn.Module, ABC):
         """Inverse of :meth:`decode` (reward space → sampler space); identity by default."""
         return images
 
-    # ---------------------------------------------------------------- adapters (role storage)
-    @abstractmethod
-    def add_role(self, name: str, trainable: bool = True) -> None:
-        """Create adapter ``name`` initialised so that the role equals the current base (zero output)."""
-
-    @abstractmethod
-    def role_parameters(self, name: str) -> list[nn.Parameter]:
-        """The parameters that make up role ``name`` (its adapter, or its full copy)."""
-
-    @abstractmethod
-    def reset_role(self, name: str) -> None:
-        """Re-initialise role ``name`` to equal the base again (fresh zero-output adapter)."""
-
-    @abstractmethod
-    def merge_role(self, name: str) -> None:
-        """Fold role ``name`` into the base (the base now equals that role), then reset that role to zero output.
-
-        Other roles keep their adapters, now on top of the merged base. After a merge the teacher/reference is the
-        *merged* base; methods that need the original teacher keep it as a separate role before merging. The
-        merged deltas are part of the checkpoint (see ``is_role_key``), so a resumed run rebuilds the same base.
-        """
-
-    def fold_role(self, name: str, into: Sequence[str] = ()) -> None:
-        """Fold role ``name`` into the private base of ``name`` and the roles ``into``; reset them to zero output.
-
-        Afterwards each of those roles computes exactly what ``name`` computed before (its base now includes a frozen
-        copy of ``name``'s adapter, a *fold*), with a fresh zero-output trainable adapter on top; the teacher and
-        every other role are unchanged. The folded roles must share ``name``'s current folds (e.g. a generator and
-        its EMA). Full-copy roles have no adapter to freeze: ``into`` roles become copies of ``name``.
-
-        Raises:
-            KeyError: for an unknown role.
-            ValueError: if a role in ``into`` sits on different folds than ``name``.
-        """
-        members = self._fold_members(name, into)
-        self._fold(name, members, f"fold{len(self.folds)}__" + "__".join(members))
-
-    def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} does not support fold_role")
-
-    def folds_of(self, role: str | None) -> list[str]:
-        """The fold adapters active under ``role`` (its private base), in creation order."""
-        if role is None or role in BASE_ROLES:
-            return []
-        return [f for f in self.folds if role in parse_fold(f)[1]]  # type: ignore[index]
-
-    def _fold_members(self, name: str, into: Sequence[str]) -> tuple[str, ...]:
-        if isinstance(into, str):
-            into = (into,)
-        members = tuple(dict.fromkeys([name, *into]))
-        for r in members:
-            if r not in self.roles:
-                raise KeyError(f"fold_role: unknown role {r!r}; this backbone has roles {self.roles}")
-        for r in members:
-            if self.folds_of(r) != self.folds_of(name):
-                raise ValueError(
-                    f"fold_role: role {r!r} sits on folds {self.folds_of(r)} but {name!r} on {self.folds_of(name)}; "
-                    "only roles with the same private base can share a fold"
-                )
-        if any(hasattr(p, "device_mesh") for r in members for p in self.role_parameters(r)):
-            raise RuntimeError("fold_role is not supported once the backbone is sharded with FSDP2 (fold before "
-                               "sharding, or keep training the adapters — RTDMD: method.merge_at_boundary false)")
-        return members
-
-    def _register_fold(self, fold_name: str) -> None:
-        """Record a fold adapter created by a family (at fold time or when a checkpoint brings one)."""
-        parsed = parse_fold(fold_name)
-        if parsed is None:
-            raise ValueError(f"not a fold adapter name: {fold_name!r}")
-        if fold_name not in self.folds:
-            self.folds.append(fold_name)
-            self.folds.sort(key=lambda f: parse_fold(f)[0])  # type: ignore[index]
-
-    @abstractmethod
-    def is_role_key(self, key: str) -> bool:
-        """Whether state-dict key ``key`` (relative to this module) belongs to a role or a merged delta.
-
-        Everything else is frozen base weight and never enters a checkpoint.
-        """
-
     def fsdp_units(self) -> Iterator[nn.Module]:
         """Sub-modules to wrap with ``fully_shard`` before the root (FSDP2); the backbone root is wrapped last."""
         return iter(())
 
-    # ---------------------------------------------------------------- helpers shared by every family
-    def _register(self, name: str, trainable: bool) -> None:
-        if name in BASE_ROLES:
-            raise ValueError(f"role name {name!r} is reserved for the frozen base")
-        if name in self.roles:
-            raise ValueError(f"role {name!r} already exists")
-        if "__" in name or not re.fullmatch(r"[A-Za-z0-9_]+", name):
-            raise ValueError(f"role names are letters, digits and single underscores; got {name!r}")
-        self.roles.append(name)
-        self.trainable[name] = trainable
+    # ---------------------------------------------------------------- roles (delegated to the store)
+    @property
+    def roles(self) -> list[str]:
+        """Role names in creation order."""
+        return self.store.roles
+
+    @property
+    def trainable(self) -> dict[str, bool]:
+        """Role → trainable (``False``: a snapshot)."""
+        return self.store.trainable
+
+    @property
+    def folds(self) -> list[str]:
+        """Fold adapters in creation order (see :meth:`RoleStore.fold`)."""
+        return self.store.folds
+
+    def add_role(self, name: str, trainable: bool = True) -> None:
+        """Create role ``name`` equal to the current base (:meth:`RoleStore.add`)."""
+        self.store.add(name, trainable)
+
+    def role_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters that make up role ``name`` (its adapter, or its full copy)."""
+        return self.store.role_parameters(name)
+
+    def reset_role(self, name: str) -> None:
+        """Re-initialise role ``name`` to equal the base again (:meth:`RoleStore.reset`)."""
+        self.store.reset(name)
+
+    def merge_role(self, name: str) -> None:
+        """Fold role ``name`` into the base every role shares, then reset it (:meth:`RoleStore.merge`)."""
+        self.store.merge(name)
+
+    def fold_role(self, name: str, into: Sequence[str] = ()) -> None:
+        """Fold role ``name`` into the private base of ``name`` and ``into`` (:meth:`RoleStore.fold`)."""
+        self.store.fold(name, into)
+
+    def folds_of(self, role: str | None) -> list[str]:
+        """The fold adapters active under ``role`` (its private base), in creation order."""
+        return self.store.folds_of(role)
 
     def set_trainable(self, name: str, flag: bool) -> None:
         """Mark role ``name`` trainable (``requires_grad``) or frozen (a snapshot)."""
-        self.trainable[name] = flag
-        for p in self.role_parameters(name):
-            p.requires_grad_(flag)
+        self.store.set_trainable(name, flag)
+
+    def is_role_key(self, key: str) -> bool:
+        """Whether state-dict key ``key`` (relative to this module) is role state: the store's own state, or a key
+        of the base network the store marks (LoRA layers; a full-copy base after a merge).
+
+        Everything else is frozen base weight and never enters a checkpoint.
+        """
+        if key.startswith("store."):
+            return True
+        base = self._base_name()
+        return base is not None and key.startswith(base + ".") and self.store.is_base_key(key[len(base) + 1:])
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> dict:
+        """Rename, in place, role keys written before roles had their own store (``merged.*``, ``copies.*``,
+        ``adapters.*``, ``folded.*``, ``base_merges`` directly under the backbone) to ``store.*``; returns it."""
+        owned = set(self.store._modules) | set(self.store._buffers)
+        legacy = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in owned
+                  and k[len(prefix):].split(".", 1)[0] not in self._modules]
+        for k in legacy:
+            state_dict[prefix + "store." + k[len(prefix):]] = state_dict.pop(k)
+        return state_dict
+
+    def _base_name(self) -> str | None:
+        """The attribute under which the store's base network is registered here (``"transformer"``)."""
+        base = self.store.base
+        return next((n for n, m in self.named_children() if m is base), None) if base is not None else None
+
+    def _before_load(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Load pre-hook (runs before any sub-module loads): legacy keys, then the store's :meth:`prepare_load`."""
+        self.upgrade_state_dict(state_dict, prefix)
+        base = self._base_name()
+        self.store.prepare_load(state_dict, prefix + "store.", prefix + base + "." if base else None)

@@ -22,34 +22,17 @@ Space. With a VAE the sampler works in scaled latents ``z = (E(img) − shift)·
 ``decode(z) = (D(z/scale + shift)/2 + 0.5).clamp(0, 1)`` as the pipeline's post-processing. Without a VAE the
 sampler works in pixels in [-1, 1] and ``decode(x) = (x/2 + 0.5).clamp(0, 1)``. Both are differentiable.
 
-Roles (architecture.md §3).
-
-* ``roles_mode="lora"`` (default): one peft LoRA adapter per role on the shared frozen transformer
-  (``init_lora_weights=True``: B = 0, so every role starts exactly equal to the teacher). Only the adapter of the
-  role being evaluated is active (``role=None`` disables all). peft's ``set_adapter``/``enable_adapters`` reset
-  ``requires_grad`` of every adapter; after each switch the flags are restored from ``self.trainable``.
-  ``lora_A`` is (re-)initialised from a generator seeded by (role, reset count, layer), never the global RNG.
-  :meth:`merge_role` folds ``scale·B·A`` into the base weights and records the factors in ``merged`` (persistent
-  buffers, part of the checkpoint); loading a state dict replays records the backbone has not applied yet.
-  :meth:`fold_role` adds a frozen peft adapter ``fold<k>__<roles>`` holding a copy of the role's ``A``/``B``; it is
-  activated together with each member role's own adapter (peft sums active adapters), so those roles keep their
-  function on a private base while the teacher and the other roles are untouched. Loading a state dict creates
-  the fold adapters it names.
-* ``roles_mode="full"``: each role is a full copy of the transformer in ``copies``; a merge copies the role into
-  the base, which from then on is part of the checkpoint (``base_merges > 0``); a fold copies the role into the
-  other member roles (a full copy has no adapter to freeze).
-
-Not supported under FSDP2 sharding: :meth:`reset_role`, :meth:`merge_role`, :meth:`fold_role` and loading merge records (they write
-whole tensors into possibly sharded parameters). Gradient checkpointing would recompute a forward with whatever
-adapter is active at backward time, so keep it off when roles are interleaved.
+Roles (architecture.md §3) live in the store the ``roles`` section picks (:func:`fewstep_rl.roles.build_store`):
+peft LoRA adapters on :data:`DEFAULT_LORA_TARGETS` of the shared frozen transformer (``roles.mode: lora``, the
+default; seeds tagged ``"sd3-lora"``) or a full transformer copy per role (``full``). ``_predict`` runs whatever
+network ``store.activate(role)`` returns; role state is everything under ``store.`` plus the LoRA layers inside
+``transformer`` (see :mod:`fewstep_rl.roles.lora` and :mod:`fewstep_rl.roles.full`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,32 +41,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep_rl.backbones.base import Backbone, BackboneLoadError, parse_fold
+from fewstep_rl.backbones.base import Backbone, BackboneLoadError
+from fewstep_rl.backbones.loading import diffusers_version, dtype_of, load_model, load_tokenizer, present, read_shift
 from fewstep_rl.backbones.sd3_text import sd3_prompt_embeds
-from fewstep_rl.sampling.noise import stable_hash
+from fewstep_rl.roles import RolesConfig, build_store
 
 #: LoRA target modules of SD3 attention (filtered to those the transformer has).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-_UNSET = object()
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")
-_TRANSFORMERS_WEIGHTS = ("model*.safetensors", "pytorch_model*.bin")
-
-
-
-
-class _Delta(nn.Module):
-    """One merged LoRA delta of one layer: ``ΔW = up @ down`` (``up = scale·B``, ``down = A``), as buffers."""
-
-    def __init__(self, up: Tensor, down: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("up", up)
-        self.register_buffer("down", down)
-
-
-def _safe(path: str) -> str:
-    """Module path → ModuleDict key (``.`` is not allowed there; SD3 module names never contain ``__``)."""
-    return path.replace(".", "__")
+_FAMILY = "sd3"
 
 
 class SD3Backbone(Backbone):
@@ -94,10 +59,8 @@ class SD3Backbone(Backbone):
         clips: one or two ``(tokenizer, CLIPTextModelWithProjection)`` pairs.
         t5: optional ``(tokenizer, T5EncoderModel)``.
         vae: optional ``AutoencoderKL``; ``None`` = pixel space (``in_channels`` must be 3).
-        roles_mode: ``"lora"`` (peft adapters on the shared base) or ``"full"`` (a transformer copy per role).
-        lora_rank: LoRA rank r.
-        lora_alpha: LoRA alpha (scale = alpha / r).
-        lora_targets: module names to adapt (default :data:`DEFAULT_LORA_TARGETS`, filtered to existing ones).
+        roles: the ``roles`` section (mode, LoRA rank/alpha/targets); default LoRA rank 32, alpha 64 on
+            :data:`DEFAULT_LORA_TARGETS` (filtered to existing ones).
         guidance_null_prompt: the prompt of the unconditional branch of CFG (``""``).
         resolution: sample side in transformer (latent) pixels; default ``transformer.config.sample_size``.
         max_sequence_length: T5 token count (the pipeline's ``max_sequence_length``).
@@ -107,13 +70,11 @@ class SD3Backbone(Backbone):
             ``clips`` may be empty): precomputed embeddings for benchmarks (:mod:`fewstep_rl.perf.arch`).
 
     Attributes:
-        transformer: the frozen base (with LoRA layers injected in ``lora`` mode).
+        transformer: the frozen base (with LoRA layers injected once LoRA roles exist).
         clip_encoders: the CLIP text encoders; ``clip_tokenizers`` their tokenizers.
         t5_encoder: the T5 encoder or ``None``; ``t5_tokenizer`` its tokenizer.
         vae: the VAE or ``None``.
-        copies: full-mode role copies.
-        merged: LoRA-mode merge records (one ``ModuleDict`` of :class:`_Delta` per merge, keyed by layer).
-        base_merges: number of merges folded into the base so far (a persistent buffer).
+        store: the roles (a ``LoraStore`` or ``FullCopyStore`` over ``transformer``).
         sample_shape: ``(C, H, W)`` of one sample.
     """
 
@@ -124,10 +85,7 @@ class SD3Backbone(Backbone):
         t5: tuple[Any, nn.Module] | None = None,
         vae: nn.Module | None = None,
         *,
-        roles_mode: str = "lora",
-        lora_rank: int = 32,
-        lora_alpha: float = 64,
-        lora_targets: Sequence[str] | None = None,
+        roles: RolesConfig | None = None,
         guidance_null_prompt: str = "",
         resolution: int | None = None,
         max_sequence_length: int = 256,
@@ -136,15 +94,11 @@ class SD3Backbone(Backbone):
         text_embedder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if roles_mode not in ("lora", "full"):
-            raise ValueError(f"roles_mode must be 'lora' or 'full', got {roles_mode!r}")
         if not (0 if text_embedder is not None else 1) <= len(clips) <= 2:
             raise BackboneLoadError(f"sd3 needs one or two CLIP (tokenizer, encoder) pairs, got {len(clips)}")
         if clips:
             _check_fit(transformer, clips, t5, vae)
         self.text_embedder = text_embedder
-        self.roles_mode = roles_mode
-        self.lora_rank, self.lora_alpha = int(lora_rank), float(lora_alpha)
         self.transformer = transformer
         self.clip_tokenizers = [tok for tok, _ in clips]
         self.clip_encoders = nn.ModuleList([enc for _, enc in clips])
@@ -163,15 +117,7 @@ class SD3Backbone(Backbone):
         self.prompt_cache_size = int(prompt_cache_size)
         self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self._null: tuple[Tensor, Tensor] | None = None
-        self.lora_targets = self._resolve_targets(lora_targets) if roles_mode == "lora" else []
-        self.copies = nn.ModuleDict()
-        self.merged = nn.ModuleList()
-        self.register_buffer("base_merges", torch.zeros((), dtype=torch.long))
-        self._resets: dict[str, int] = {}
-        self._active: Any = _UNSET
-        self._layers: list[tuple[str, nn.Module]] | None = None
-        self.register_load_state_dict_pre_hook(self._replay_merges)
-        self.register_load_state_dict_pre_hook(self._grow_folds)
+        self.store = build_store(roles, transformer, default_targets=DEFAULT_LORA_TARGETS, family=_FAMILY)
 
     # ---------------------------------------------------------------- construction / export
     @classmethod
@@ -187,10 +133,7 @@ class SD3Backbone(Backbone):
         cls,
         path: str | Path,
         *,
-        roles_mode: str = "lora",
-        lora_rank: int = 32,
-        lora_alpha: float = 64,
-        lora_targets: Sequence[str] | None = None,
+        roles: RolesConfig | None = None,
         dtype: torch.dtype = torch.float32,
         guidance_null_prompt: str = "",
         resolution: int | None = None,
@@ -202,8 +145,7 @@ class SD3Backbone(Backbone):
         Args:
             path: the directory.
             dtype: dtype every component is loaded in (fp16 files load to fp32 by default).
-            roles_mode, lora_rank, lora_alpha, lora_targets, guidance_null_prompt, resolution, max_sequence_length,
-                prompt_cache_size: as in the constructor. ``default_shift`` comes from ``scheduler/``.
+            roles, guidance_null_prompt, resolution, max_sequence_length, prompt_cache_size: as in the constructor. ``default_shift`` comes from ``scheduler/``.
 
         Raises:
             BackboneLoadError: on a missing/unreadable component or components that do not fit, naming the file.
@@ -214,23 +156,23 @@ class SD3Backbone(Backbone):
         root = Path(path)
         if not root.is_dir():
             raise BackboneLoadError(f"sd3 world directory {root} does not exist (or is not a directory)")
-        transformer = _load_model(SD3Transformer2DModel, root, "transformer", dtype, diffusers=True)
-        clips = [(_load_tokenizer(root, "tokenizer"), _load_model(CLIPTextModelWithProjection, root, "text_encoder",
-                                                                   dtype, diffusers=False))]
-        if _present(root, "text_encoder_2", "tokenizer_2"):
-            clips.append((_load_tokenizer(root, "tokenizer_2"),
-                          _load_model(CLIPTextModelWithProjection, root, "text_encoder_2", dtype, diffusers=False)))
+        def model(cls_: Any, sub: str, diffusers: bool) -> Any:
+            return load_model(cls_, root, sub, dtype, diffusers=diffusers, family=_FAMILY)
+
+        transformer = model(SD3Transformer2DModel, "transformer", True)
+        clips = [(load_tokenizer(root, "tokenizer", _FAMILY), model(CLIPTextModelWithProjection, "text_encoder", False))]
+        if present(root, "text_encoder_2", "tokenizer_2", _FAMILY):
+            clips.append((load_tokenizer(root, "tokenizer_2", _FAMILY),
+                          model(CLIPTextModelWithProjection, "text_encoder_2", False)))
         t5 = None
-        if _present(root, "text_encoder_3", "tokenizer_3"):
-            t5 = (_load_tokenizer(root, "tokenizer_3"),
-                  _load_model(T5EncoderModel, root, "text_encoder_3", dtype, diffusers=False))
-        vae = _load_model(AutoencoderKL, root, "vae", dtype, diffusers=True) if (root / "vae").exists() else None
+        if present(root, "text_encoder_3", "tokenizer_3", _FAMILY):
+            t5 = (load_tokenizer(root, "tokenizer_3", _FAMILY), model(T5EncoderModel, "text_encoder_3", False))
+        vae = model(AutoencoderKL, "vae", True) if (root / "vae").exists() else None
         try:
             return cls(
-                transformer, clips, t5, vae, roles_mode=roles_mode, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                lora_targets=lora_targets, guidance_null_prompt=guidance_null_prompt, resolution=resolution,
-                max_sequence_length=max_sequence_length, prompt_cache_size=prompt_cache_size,
-                default_shift=_read_shift(root),
+                transformer, clips, t5, vae, roles=roles, guidance_null_prompt=guidance_null_prompt,
+                resolution=resolution, max_sequence_length=max_sequence_length, prompt_cache_size=prompt_cache_size,
+                default_shift=read_shift(root),
             )
         except BackboneLoadError as e:
             raise BackboneLoadError(f"sd3 world {root}: {e}") from None
@@ -248,12 +190,12 @@ class SD3Backbone(Backbone):
         root.mkdir(parents=True, exist_ok=True)
 
         def cast(m: nn.Module) -> nn.Module:
-            return copy.deepcopy(m).to(dtype) if dtype is not None and _dtype(m) != dtype else m
+            return copy.deepcopy(m).to(dtype) if dtype is not None and dtype_of(m) != dtype else m
 
         base = self._clean_base()
-        base = cast(base) if base is self.transformer else base.to(dtype or _dtype(base))
+        base = cast(base) if base is self.transformer else base.to(dtype or dtype_of(base))
         base.save_pretrained(root / "transformer")
-        index: dict[str, Any] = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": _version()}
+        index: dict[str, Any] = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers_version()}
         index["transformer"] = ["diffusers", type(base).__name__]
         parts = [(self.clip_tokenizers[i], self.clip_encoders[i], "" if i == 0 else f"_{i + 1}")
                  for i in range(len(self.clip_encoders))]
@@ -277,14 +219,13 @@ class SD3Backbone(Backbone):
         (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def _clean_base(self) -> nn.Module:
-        """The base transformer without LoRA layers (a fresh module holding the current base weights)."""
-        if not self._lora_layers():
+        """The base transformer without role layers (a fresh module holding the current base weights)."""
+        if not self.store.wraps_base():
             return self.transformer
-        sd = {k.replace(".base_layer.", "."): v for k, v in self.transformer.state_dict().items() if ".lora_" not in k}
         with torch.random.fork_rng(devices=[]):
             base = type(self.transformer).from_config(self.transformer.config)
-        base.load_state_dict(sd, strict=True)
-        return base.to(_dtype(self.transformer)).eval()
+        base.load_state_dict(self.store.base_state_dict(), strict=True)
+        return base.to(dtype_of(self.transformer)).eval()
 
     def _frozen_modules(self) -> list[nn.Module]:
         mods = [self.transformer, *self.clip_encoders]
@@ -341,7 +282,7 @@ class SD3Backbone(Backbone):
             return (x / 2 + 0.5).clamp(0, 1)
         self._register_vae_methods()
         cfg = self.vae.config
-        z = x.to(_dtype(self.vae)) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        z = x.to(dtype_of(self.vae)) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         img = self.vae.decode(z, return_dict=False)[0]
         return (img / 2 + 0.5).clamp(0, 1).to(x.dtype)
 
@@ -352,7 +293,7 @@ class SD3Backbone(Backbone):
             return x
         self._register_vae_methods()
         cfg = self.vae.config
-        mean = self.vae.encode(x.to(_dtype(self.vae))).latent_dist.mean
+        mean = self.vae.encode(x.to(dtype_of(self.vae))).latent_dist.mean
         return ((mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).to(images.dtype)
 
     def _register_vae_methods(self) -> None:
@@ -368,244 +309,22 @@ class SD3Backbone(Backbone):
 
     # ---------------------------------------------------------------- prediction
     def _predict(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], role: str | None) -> Tensor:
-        if self.roles_mode == "full":
-            model = self.transformer if role is None else self.copies[role]
-        else:
-            model = self.transformer
-            self._activate(role)
-        dt = _dtype(model)
+        model = self.store.activate(role)
+        dt = dtype_of(model)
         out = model(
             hidden_states=x.to(dt), timestep=1000 * sigma.float(), encoder_hidden_states=cond["seq"].to(dt),
             pooled_projections=cond["pooled"].to(dt), return_dict=False,
         )[0]
         return out.to(x.dtype)
 
-    # ---------------------------------------------------------------- LoRA mechanics
-    def _resolve_targets(self, targets: Sequence[str] | None) -> list[str]:
-        names = [n for n, _ in self.transformer.named_modules()]
-
-        def exists(t: str) -> bool:
-            return any(n == t or n.endswith("." + t) for n in names)
-
-        if targets is None:
-            found = [t for t in DEFAULT_LORA_TARGETS if exists(t)]
-        else:
-            missing = [t for t in targets if not exists(t)]
-            if missing:
-                raise ValueError(f"LoRA target modules {missing} do not exist in the SD3 transformer")
-            found = list(targets)
-        if not found:
-            raise ValueError("no LoRA target module exists in the SD3 transformer")
-        return found
-
-    def _lora_layers(self) -> list[tuple[str, nn.Module]]:
-        """``(path, layer)`` of every peft LoRA layer of the transformer (cached; reset when roles are added)."""
-        if self._layers is None:
-            if self.roles_mode != "lora" or not self.roles:
-                return []
-            from peft.tuners.lora import LoraLayer
-
-            self._layers = [(n, m) for n, m in self.transformer.named_modules() if isinstance(m, LoraLayer)]
-        return self._layers
-
-    def _activate(self, role: str | None) -> None:
-        """Make only ``role``'s adapter active (``None``: all off), then restore every adapter's requires_grad."""
-        if role == self._active or not self.roles:
-            return
-        active = None if role is None else [role, *self.folds_of(role)]
-        for _, layer in self._lora_layers():
-            if active is None:
-                layer.enable_adapters(False)
-            else:
-                layer.set_adapter(active if len(active) > 1 else role)
-                if layer.disable_adapters:
-                    layer.enable_adapters(True)
-        self._active = role
-        self._restore_grad()
-
-    def _restore_grad(self) -> None:
-        for _, layer in self._lora_layers():
-            for r in self.roles:
-                flag = self.trainable[r]
-                layer.lora_A[r].requires_grad_(flag)
-                layer.lora_B[r].requires_grad_(flag)
-            for f in self.folds:
-                layer.lora_A[f].requires_grad_(False)
-                layer.lora_B[f].requires_grad_(False)
-
-    @torch.no_grad()
-    def _init_lora(self, name: str) -> None:
-        """``A ~ U(±1/√fan_in)`` (peft's kaiming-uniform law) from a seeded generator, ``B = 0``."""
-        for path, layer in self._lora_layers():
-            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-            gen = torch.Generator().manual_seed(stable_hash("sd3-lora", name, self._resets[name], path))
-            u = torch.rand(a.shape, generator=gen, dtype=torch.float64, device="cpu")
-            a.copy_(((2 * u - 1) / math.sqrt(a.shape[1])).to(a))
-            b.zero_()
-
-    # ---------------------------------------------------------------- roles
-    def add_role(self, name: str, trainable: bool = True) -> None:
-        """Create role ``name`` equal to the current base: a zero-output LoRA adapter, or a full copy."""
-        if "." in name:
-            raise ValueError(f"role names cannot contain '.', got {name!r}")
-        self._register(name, trainable)
-        self._resets[name] = 0
-        if self.roles_mode == "full":
-            self.copies[name] = copy.deepcopy(self.transformer).requires_grad_(trainable)
-            return
-        self._add_adapter(name)
-        self._init_lora(name)
-        self._restore_grad()
-
-    def _add_adapter(self, name: str) -> None:
-        """A peft LoRA adapter ``name`` on every target layer (weights set by the caller)."""
-        from peft import LoraConfig
-
-        cfg = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=list(self.lora_targets),
-                         init_lora_weights=True)
-        dev = next(self.transformer.parameters()).device
-        with torch.random.fork_rng(devices=[dev] if dev.type != "cpu" else [], device_type=dev.type), \
-                warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: intended
-            self.transformer.add_adapter(cfg, adapter_name=name)  # peft's own init draws from the global RNG
-        self._layers = None
-        self._active = _UNSET
-
-    def _check_role(self, name: str) -> None:
-        if name not in self.roles:
-            raise KeyError(f"unknown role {name!r}; this backbone has roles {self.roles}")
-
-    def role_parameters(self, name: str) -> list[nn.Parameter]:
-        """The role's LoRA ``A``/``B`` weights (module order), or every parameter of its full copy."""
-        self._check_role(name)
-        if self.roles_mode == "full":
-            return list(self.copies[name].parameters())
-        keys = (f".lora_A.{name}.", f".lora_B.{name}.")
-        return [p for n, p in self.transformer.named_parameters() if any(k in n for k in keys)]
-
-    def reset_role(self, name: str) -> None:
-        """Role ``name`` equal to the base again (fresh ``A`` seeded by (name, reset count), ``B = 0``; or a copy)."""
-        self._check_role(name)
-        self._resets[name] += 1
-        if self.roles_mode == "full":
-            with torch.no_grad():
-                for d, s in zip(self.copies[name].parameters(), self.transformer.parameters(), strict=True):
-                    d.copy_(s)
-            return
-        self._init_lora(name)
-
-    @torch.no_grad()
-    def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
-        """LoRA: frozen adapter ``fold_name`` = copy of ``name``'s, members reset. Full: members ← copy of ``name``."""
-        if self.roles_mode == "full":
-            for r in members:
-                if r != name:
-                    for d, s in zip(self.copies[r].parameters(), self.copies[name].parameters(), strict=True):
-                        d.copy_(s)
-            return
-        self._add_adapter(fold_name)
-        for _, layer in self._lora_layers():
-            layer.lora_A[fold_name].weight.copy_(layer.lora_A[name].weight)
-            layer.lora_B[fold_name].weight.copy_(layer.lora_B[name].weight)
-        self._register_fold(fold_name)
-        for r in members:
-            self.reset_role(r)
-        self._active = _UNSET
-        self._restore_grad()
-
-    def _grow_folds(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        """Load pre-hook: create the (frozen) fold adapters the incoming state dict names and this backbone lacks."""
-        if self.roles_mode != "lora":
-            return
-        found = set()
-        for k in state_dict:
-            if k.startswith(prefix) and ".lora_A." in k:
-                name = k.split(".lora_A.", 1)[1].split(".", 1)[0]
-                if parse_fold(name) is not None:
-                    found.add(name)
-        for name in sorted(found - set(self.folds), key=lambda f: parse_fold(f)[0]):  # type: ignore[index]
-            missing = [r for r in parse_fold(name)[1] if r not in self.roles]  # type: ignore[index]
-            if missing:
-                raise RuntimeError(f"state dict has fold {name!r} for role(s) {missing} this backbone lacks "
-                                   f"(roles here: {self.roles})")
-            self._add_adapter(name)
-            self._register_fold(name)
-            self._restore_grad()
-
-    @torch.no_grad()
-    def merge_role(self, name: str) -> None:
-        """Fold role ``name`` into the base (``W += scale·B·A``, or base ← copy), record it, reset the role."""
-        self._check_role(name)
-        if self.folds_of(name):
-            raise ValueError(f"merge_role: role {name!r} sits on folds {self.folds_of(name)}; merging it is not "
-                             "supported")
-        if self.roles_mode == "full":
-            for d, s in zip(self.transformer.parameters(), self.copies[name].parameters(), strict=True):
-                d.copy_(s)
-        else:
-            record = nn.ModuleDict()
-            for path, layer in self._lora_layers():
-                up = (layer.lora_B[name].weight * layer.scaling[name]).detach().clone()
-                down = layer.lora_A[name].weight.detach().clone()
-                _fold(layer.get_base_layer().weight, up, down)
-                record[_safe(path)] = _Delta(up, down)
-            self.merged.append(record)
-        self.base_merges += 1
-        self.reset_role(name)
-
-    def _replay_merges(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        """Load pre-hook: fold the incoming merge records this backbone has not applied yet into its base.
-
-        Runs before the sub-modules load, so a full state dict (base weights included) still wins.
-        """
-        head = prefix + "merged."
-        incoming: dict[int, dict[str, dict[str, Tensor]]] = {}
-        for k, v in state_dict.items():
-            if k.startswith(head):
-                idx, layer, which = k[len(head):].split(".")
-                incoming.setdefault(int(idx), {}).setdefault(layer, {})[which] = v
-        if not incoming:
-            return
-        if sorted(incoming) != list(range(len(incoming))) or len(incoming) < len(self.merged):
-            raise RuntimeError(f"state dict has merge records {sorted(incoming)}; this backbone has "
-                               f"{len(self.merged)} (load merges into a fresh backbone)")
-        for i, rec in enumerate(self.merged):
-            same = set(rec.keys()) == set(incoming[i]) and all(
-                torch.equal(rec[k].up.cpu(), incoming[i][k]["up"].cpu()) for k in rec)
-            if not same:
-                raise RuntimeError(f"merge record {i} of the state dict differs from the one already applied here "
-                                   "(load merges into a fresh backbone)")
-        with torch.no_grad():
-            for i in range(len(self.merged), len(incoming)):
-                record = nn.ModuleDict()
-                for key, t in incoming[i].items():
-                    path = key.replace("__", ".")
-                    try:
-                        layer = self.transformer.get_submodule(path)
-                    except AttributeError:
-                        raise RuntimeError(f"merge record {i} has a delta for {path}, which this transformer lacks") \
-                            from None
-                    w = layer.get_base_layer().weight if hasattr(layer, "get_base_layer") else layer.weight
-                    up = t["up"].to(device=w.device)
-                    down = t["down"].to(device=w.device, dtype=up.dtype)
-                    _fold(w, up, down)
-                    record[key] = _Delta(up.clone(), down.clone())
-                self.merged.append(record)
-
-    def is_role_key(self, key: str) -> bool:
-        """LoRA weights, full copies, merge records and the merge count; the base only after a full-mode merge."""
-        if ".lora_A." in key or ".lora_B." in key or key.startswith(("copies.", "merged.")) or key == "base_merges":
-            return True
-        return self.roles_mode == "full" and bool(self.base_merges > 0) and key.startswith("transformer.")
-
     def fsdp_units(self) -> Iterator[nn.Module]:
-        """Transformer blocks then each transformer (base and full-mode copies), each text encoder and the VAE.
+        """Transformer blocks then each transformer (base and full copies), each text encoder and the VAE.
 
         Every module with parameters is its own unit: FSDP2 gathers a unit's parameters around ``forward``, and
         the backbone root is never called through ``forward`` (``velocity``, ``encode_prompts``, ``decode``).
         The VAE's ``encode``/``decode`` are registered as forward methods on first use.
         """
-        for t in (self.transformer, *self.copies.values()):
+        for t in self.store.networks():
             yield from t.transformer_blocks
             yield t
         yield from self.clip_encoders
@@ -613,88 +332,6 @@ class SD3Backbone(Backbone):
 
 
 # -------------------------------------------------------------------- helpers
-def _fold(w: Tensor, up: Tensor, down: Tensor) -> None:
-    """``W += up @ down`` in place, in ``W``'s dtype (computed in float32 or better)."""
-    ct = torch.promote_types(w.dtype, torch.float32)
-    w.copy_((w.to(ct) + up.to(ct) @ down.to(ct)).to(w.dtype))
-
-
-def _dtype(m: nn.Module) -> torch.dtype:
-    return next(m.parameters()).dtype
-
-
-def _version() -> str:
-    import diffusers
-
-    return diffusers.__version__
-
-
-def _present(root: Path, encoder: str, tokenizer: str) -> bool:
-    """Whether an optional encoder/tokenizer pair is there; one without the other is an error."""
-    a, b = (root / encoder).exists(), (root / tokenizer).exists()
-    if a != b:
-        have, lack = (encoder, tokenizer) if a else (tokenizer, encoder)
-        raise BackboneLoadError(f"sd3 world {root}: {root / have} exists but {root / lack} is missing")
-    return a
-
-
-def _read_shift(root: Path) -> float | None:
-    f = root / "scheduler" / "scheduler_config.json"
-    if not f.exists():
-        return None
-    try:
-        shift = json.loads(f.read_text()).get("shift")
-    except (OSError, ValueError) as e:
-        raise BackboneLoadError(f"cannot read {f}: {e}") from None
-    return float(shift) if shift is not None else None
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    """``Type: first sentence`` of an exception (loader messages go on with generic advice)."""
-    msg = " ".join(str(e).split()).split(". ")[0]
-    return f"{type(e).__name__}: {msg[:limit]}{'…' if len(msg) > limit else ''}"
-
-
-def _load_model(cls: Any, root: Path, sub: str, dtype: torch.dtype, diffusers: bool) -> Any:
-    """``cls.from_pretrained(root/sub)`` with checks; every failure becomes a :class:`BackboneLoadError`."""
-    d = root / sub
-    if not d.is_dir():
-        raise BackboneLoadError(f"sd3 world {root}: required folder {d} is missing")
-    cfg = d / "config.json"
-    if not cfg.is_file():
-        raise BackboneLoadError(f"sd3 world {root}: {cfg} is missing")
-    weights = sorted(f for pat in (_DIFFUSERS_WEIGHTS if diffusers else _TRANSFORMERS_WEIGHTS) for f in d.glob(pat))
-    if not weights:
-        expected = " or ".join(_DIFFUSERS_WEIGHTS if diffusers else _TRANSFORMERS_WEIGHTS)
-        raise BackboneLoadError(f"sd3 world {root}: no weights file in {d} (expected {expected})")
-    what = f"{cls.__name__} from {cfg} and {weights[0]}"
-    dkw = {"torch_dtype": dtype} if diffusers else {"dtype": dtype}
-    try:
-        model, info = cls.from_pretrained(d, local_files_only=True, output_loading_info=True, **dkw)
-    except Exception as e:  # noqa: BLE001 - any loader failure is reported the same way
-        raise BackboneLoadError(f"sd3 world {root}: cannot load {what} (does the config fit the weights?): "
-                                f"{_first_line(e)}") from e
-    bad = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    bad = {k: v for k, v in bad.items() if v}
-    if bad or info.get("error_msgs"):
-        detail = "; ".join(f"{k.replace('_', ' ')}: {v[:4]}{' …' if len(v) > 4 else ''}" for k, v in bad.items())
-        detail = detail or str(info.get("error_msgs"))
-        raise BackboneLoadError(f"sd3 world {root}: {cfg} does not fit the weights {weights[0]} ({detail})")
-    return model.eval()
-
-
-def _load_tokenizer(root: Path, sub: str) -> Any:
-    from transformers import AutoTokenizer
-
-    d = root / sub
-    if not d.is_dir():
-        raise BackboneLoadError(f"sd3 world {root}: required folder {d} is missing")
-    try:
-        return AutoTokenizer.from_pretrained(d, local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise BackboneLoadError(f"sd3 world {root}: cannot load the tokenizer in {d}: {_first_line(e)}") from e
-
-
 def _check_fit(transformer: Any, clips: Sequence[tuple[Any, Any]], t5: tuple[Any, Any] | None, vae: Any) -> None:
     """Components that load one by one but cannot work together → :class:`BackboneLoadError`."""
     cfg = transformer.config

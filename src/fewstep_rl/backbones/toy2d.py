@@ -22,15 +22,15 @@ weights renormalised. The empty prompt ``""`` is the full mixture (so CFG agains
 The conditioning of a batch is a ``(B, K)`` tensor of per-sample component weights (zeros for components the
 prompt does not select), so the velocity is exact for every prompt.
 
-Roles (architecture.md §3). Role ``r`` predicts ``v_base + a_r(x, σ, c)`` where ``a_r`` is a residual MLP on
-``[x, φ(σ), c]`` with a zero-initialised last layer, so every role starts exactly equal to the teacher. The base
-is the analytic velocity plus the outputs of every *merged* (frozen) adapter: :meth:`merge_role` appends a frozen
-copy of a role's adapter to ``merged`` and resets the role, so the teacher/reference then equals the old role.
+Roles (architecture.md §3) live in a :class:`~fewstep_rl.roles.residual.ResidualStore`: role ``r`` predicts
+``v_base + a_r(x, σ, c)`` where ``a_r`` is a residual MLP on ``[x, φ(σ), c]`` with a zero-initialised last layer,
+so every role starts exactly equal to the teacher. The base is the analytic velocity plus the outputs of every
+*merged* (frozen) adapter: ``merge_role`` appends a frozen copy of a role's adapter to ``store.merged`` and resets
+the role, so the teacher/reference then equals the old role. Only ``roles.mode: lora`` (these adapters) applies.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep_rl.backbones.base import Backbone
+from fewstep_rl.roles.residual import ResidualStore
 
 #: Frequencies of the sin/cos features of σ fed to the adapters: φ(σ) = [σ, sin(fπσ), cos(fπσ) for f in FREQS].
 SIGMA_FREQS = (1.0, 2.0, 4.0)
@@ -139,9 +140,8 @@ class GaussianMixtureBackbone(Backbone):
         layers: adapter depth (number of linear layers).
 
     Attributes:
-        adapters: one :class:`ResidualMLP` per role.
-        merged: frozen adapters folded into the base by :meth:`merge_role`.
-        folded: frozen adapters folded into some roles' private bases by :meth:`fold_role`, keyed by fold name.
+        store: the roles: one :class:`ResidualMLP` per role in ``store.adapters``, merged ones in ``store.merged``,
+            folded ones in ``store.folded``.
         prompt_components: prompt → component indices, including ``""``.
     """
 
@@ -184,11 +184,7 @@ class GaussianMixtureBackbone(Backbone):
         self._prompt_row = {name: row for row, name in enumerate(pc)}
         self.register_buffer("prompt_weights", table / table.sum(1, keepdim=True), persistent=False)
         self._exact_masters = {k: getattr(self, k).clone() for k in ("means", "stds", "weights", "prompt_weights")}
-        self.adapters = nn.ModuleDict()
-        self.merged = nn.ModuleList()
-        self.folded = nn.ModuleDict()
-        self._resets: dict[str, int] = {}
-        self._register_load_state_dict_pre_hook(self._grow_merged, with_module=True)
+        self.store = ResidualStore(self._new_adapter, self._init_adapter)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Device moves apply to the analytic buffers, dtype casts do not: they are restored in float64.
@@ -288,12 +284,8 @@ class GaussianMixtureBackbone(Backbone):
 
     def _predict(self, x: Tensor, sigma: Tensor, cond: Tensor, role: str | None) -> Tensor:
         v = self.analytic_velocity(x, sigma, cond)
-        for m in self.merged:
-            v = v + m(x, sigma, cond).reshape(x.shape)
-        if role is not None:
-            for f in self.folds_of(role):
-                v = v + self.folded[f](x, sigma, cond).reshape(x.shape)
-            v = v + self.adapters[role](x, sigma, cond).reshape(x.shape)
+        for adapter in self.store.activate(role):  # merged, then the role's folds, then its own adapter
+            v = v + adapter(x, sigma, cond).reshape(x.shape)
         return v
 
     # ---------------------------------------------------------------- exact sampling
@@ -302,76 +294,16 @@ class GaussianMixtureBackbone(Backbone):
         w = self.encode_prompts(prompts, dtype=torch.float64)
         return sample_gaussian_mixture(self.means, self.stds, w, generator).to(torch.get_default_dtype())
 
-    # ---------------------------------------------------------------- adapters
+    # ---------------------------------------------------------------- adapters (for the store)
     def _new_adapter(self) -> ResidualMLP:
         ref = self.means
         return ResidualMLP(self.dim, self.n_components, self.hidden, self.layers).to(device=ref.device)
 
-    def add_role(self, name: str, trainable: bool = True) -> None:
-        """Create role ``name`` with a fresh zero-output adapter (deterministic: seeded by the role name)."""
-        self._register(name, trainable)
-        self.adapters[name] = self._new_adapter()
-        self._resets[name] = 0
-        self._init_adapter(name)
-        self.adapters[name].requires_grad_(trainable)
-
-    def _init_adapter(self, name: str) -> None:
-        gen = torch.Generator().manual_seed(stable_seed("toy2d-adapter", name, self._resets[name]))
-        self.adapters[name].reset(gen)  # type: ignore[operator]
-
-    def role_parameters(self, name: str) -> list[nn.Parameter]:
-        """Every parameter of role ``name``'s adapter (trainable or a snapshot)."""
-        if name not in self.adapters:
-            raise KeyError(f"unknown role {name!r}; this backbone has roles {self.roles}")
-        return list(self.adapters[name].parameters())
-
-    def reset_role(self, name: str) -> None:
-        """Fresh adapter for ``name``: new random hidden layers (seed = hash(name, reset count)), zero last layer."""
-        if name not in self.adapters:
-            raise KeyError(f"unknown role {name!r}; this backbone has roles {self.roles}")
-        self._resets[name] += 1
-        self._init_adapter(name)
-
-    def merge_role(self, name: str) -> None:
-        """Fold role ``name`` into the base: append a frozen copy of its adapter to ``merged``, then reset it.
-
-        Afterwards the teacher (and every role's base) equals the old role ``name``; other roles keep their own
-        adapters on top of the new base.
-        """
-        if name not in self.adapters:
-            raise KeyError(f"unknown role {name!r}; this backbone has roles {self.roles}")
-        if self.folds_of(name):
-            raise ValueError(f"merge_role: role {name!r} sits on folds {self.folds_of(name)}; merging it is not "
-                             "supported")
-        frozen = copy.deepcopy(self.adapters[name]).requires_grad_(False)
-        self.merged.append(frozen)
-        self.reset_role(name)
-
-    def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
-        """A frozen copy of ``name``'s adapter under ``fold_name``; every member role gets a fresh adapter."""
-        self.folded[fold_name] = copy.deepcopy(self.adapters[name]).requires_grad_(False)
-        self._register_fold(fold_name)
-        for r in members:
-            self.reset_role(r)
-
-    def is_role_key(self, key: str) -> bool:
-        """Adapter, merged- and folded-adapter weights are checkpointed; the analytic base has no weights."""
-        return key.startswith(("adapters.", "merged.", "folded."))
+    @staticmethod
+    def _init_adapter(adapter: nn.Module, role: str, resets: int) -> None:
+        """Fresh hidden layers seeded by hash(role, reset count), zero last layer (deterministic)."""
+        adapter.reset(torch.Generator().manual_seed(stable_seed("toy2d-adapter", role, resets)))  # type: ignore[operator]
 
     def fsdp_units(self) -> Iterator[nn.Module]:
         """Each role adapter."""
-        return iter(self.adapters.values())
-
-    @staticmethod
-    def _grow_merged(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-        """Load-time hook: create as many (frozen) merged adapters as the incoming state dict holds."""
-        self: GaussianMixtureBackbone = module  # type: ignore[assignment]
-        head = prefix + "merged."
-        idx = {int(k[len(head) :].split(".", 1)[0]) for k in state_dict if k.startswith(head)}
-        while len(self.merged) < (max(idx) + 1 if idx else 0):
-            self.merged.append(self._new_adapter().requires_grad_(False))
-        head = prefix + "folded."
-        for name in sorted({k[len(head):].split(".", 1)[0] for k in state_dict if k.startswith(head)}):
-            if name not in self.folded:
-                self.folded[name] = self._new_adapter().requires_grad_(False)
-                self._register_fold(name)
+        return iter(self.store.networks())

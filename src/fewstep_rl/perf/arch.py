@@ -139,10 +139,10 @@ class RandomTextEmbedder(nn.Module):
 
 
 def build_sd3_backbone(arch: Arch, prompts: Sequence[str], *, device: str | torch.device, dtype: torch.dtype,
-                       resolution: int, roles_mode: str = "lora", lora_rank: int = 32, lora_alpha: float = 64,
-                       with_vae: bool = True, seed: int = 0) -> Any:
+                       resolution: int, roles: Any = None, with_vae: bool = True, seed: int = 0) -> Any:
     """An :class:`~fewstep_rl.backbones.sd3.SD3Backbone` over random weights of ``arch`` and precomputed prompt
-    embeddings (``resolution`` in image pixels; the sample side is ``resolution / vae_factor`` with a VAE)."""
+    embeddings (``resolution`` in image pixels; the sample side is ``resolution / vae_factor`` with a VAE);
+    ``roles``: a :class:`~fewstep_rl.roles.RolesConfig` (default LoRA rank 32, alpha 64)."""
     from fewstep_rl.backbones.sd3 import SD3Backbone
 
     t = build_transformer(arch, device, dtype, seed)
@@ -150,5 +150,4 @@ def build_sd3_backbone(arch: Arch, prompts: Sequence[str], *, device: str | torc
     side = resolution // arch.vae_factor if vae is not None else resolution
     emb = RandomTextEmbedder(prompts, arch.text_tokens, int(t.config.joint_attention_dim),
                              int(t.config.pooled_projection_dim), dtype, device, seed)
-    return SD3Backbone(t, [], None, vae, roles_mode=roles_mode, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                       resolution=side, default_shift=3.0, text_embedder=emb)
+    return SD3Backbone(t, [], None, vae, roles=roles, resolution=side, default_shift=3.0, text_embedder=emb)

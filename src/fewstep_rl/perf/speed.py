@@ -43,7 +43,7 @@ def apply_speed(backbone: Any, attention_backend: str = "auto", compile: bool = 
     if attention_backend not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}")
     if compile:
-        for t in (backbone.transformer, *getattr(backbone, "copies", {}).values()):
+        for t in backbone.store.networks():
             t.compile(backend=compile_backend, dynamic=False)
     if attention_backend == "auto" and not grad_checkpointing:
         return backbone

@@ -22,7 +22,7 @@ from fewstep_rl.run import assemble, resolve
 TINY = {"world.hidden": 32, "method.batch_size": 8, "trainer.eval_samples": 64, "trainer.progress_bar": False}
 TINY_BY_WORLD = {
     "toy2d": TINY,
-    "shapes": {"world.lora_rank": 2, "method.batch_size": 2, "trainer.eval_samples": 8, "trainer.progress_bar": False},
+    "shapes": {"roles.rank": 2, "method.batch_size": 2, "trainer.eval_samples": 8, "trainer.progress_bar": False},
 }
 
 

@@ -1,7 +1,9 @@
-"""A world = a backbone (frozen teacher + role adapters) + prompts + default rewards + evaluation.
+"""A world = a backbone (frozen teacher + role store) + prompts + default rewards + evaluation.
 
 Worlds register through the ``fewstep_rl.worlds`` entry-point group. ``fewstep-rl fit --world NAME`` builds the
-world from its typed ``Config``; methods receive the world and ask it for the backbone, prompts and metrics.
+world from its typed ``Config``; the run's ``roles`` section (:class:`~fewstep_rl.roles.RolesConfig`) is handed to
+it as ``roles_cfg`` before the backbone is built. Methods receive the world and ask it for the backbone, prompts
+and metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.backbones.base import Backbone
+from fewstep_rl.roles.config import RolesConfig
 
 
 class World(ABC):
@@ -25,15 +28,29 @@ class World(ABC):
         Config: typed config dataclass (``world.*`` keys).
         teacher_guidance: CFG scale the teacher uses by default (toy2d: 1, so targets are exact closed forms).
         sample_kind: ``"points"`` (``.npy`` output) or ``"images"`` (folder of PNGs).
+        roles_defaults: this world's defaults of ``roles.*`` keys (e.g. ``{"rank": 16, "alpha": 32.0}``).
+        roles_cfg: the run's ``roles`` section, set by the run assembly (``None``: ``roles_defaults``); read it with
+            :meth:`roles_config` when building the backbone.
     """
 
     name: ClassVar[str] = "world"
     Config: ClassVar[type]
     teacher_guidance: float = 1.0
     sample_kind: ClassVar[str] = "points"
+    roles_defaults: ClassVar[dict[str, Any]] = {}
+    roles_cfg: RolesConfig | None = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def check_roles(cls, roles: RolesConfig) -> None:
+        """Refuse ``roles`` settings that do not apply to this world (``ValueError`` naming the key); default: any."""
+        return None
+
+    def roles_config(self) -> RolesConfig:
+        """The ``roles`` section the backbone is built with."""
+        return self.roles_cfg if self.roles_cfg is not None else RolesConfig(**self.roles_defaults)
 
     @abstractmethod
     def build_backbone(self) -> Backbone:

@@ -40,10 +40,6 @@ class SD3WorldConfig:
     eval_prompts: str | None = knob(None, "evaluation prompts file (default: the training prompts)")
     guidance: float = knob(4.5, "teacher CFG scale")
     resolution: int = knob(512, "image side in pixels")
-    roles_mode: Literal["lora", "full"] = knob("lora", "trainable roles as LoRA adapters or full copies")
-    lora_rank: int = knob(32, "LoRA rank of every trainable role")
-    lora_alpha: float = knob(64.0, "LoRA alpha (scale alpha/rank)")
-    lora_targets: list[str] | None = knob(None, "module names to adapt (default: attention q/k/v/out + MLPs)")
     dtype: Literal["float32", "bfloat16", "float16"] = knob("float32", "dtype the frozen components load in")
     max_sequence_length: int = knob(256, "T5 tokens per prompt")
     attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = knob(
@@ -53,8 +49,6 @@ class SD3WorldConfig:
     grad_checkpointing: bool = knob(False, "recompute grad passes in backward (activation checkpointing)")
 
     def __post_init__(self) -> None:
-        if self.lora_rank < 1 or self.lora_alpha <= 0:
-            raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.guidance < 1.0:
@@ -78,6 +72,7 @@ class SD3World(World):
     name = "sd3"
     Config = SD3WorldConfig
     sample_kind = "images"
+    roles_defaults = {"rank": 32, "alpha": 64.0}
 
     def __init__(self, cfg: SD3WorldConfig | None = None) -> None:
         super().__init__(cfg or SD3WorldConfig())
@@ -119,8 +114,7 @@ class SD3World(World):
             bb = self.backbone_factory()
         else:
             bb = SD3Backbone.from_pretrained(
-                self.dir, roles_mode=c.roles_mode, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-                lora_targets=c.lora_targets, dtype=_DTYPES[c.dtype], resolution=self.latent_side(),
+                self.dir, roles=self.roles_config(), dtype=_DTYPES[c.dtype], resolution=self.latent_side(),
                 max_sequence_length=c.max_sequence_length,
             )
         return apply_speed(bb, c.attention_backend, c.compile, c.compile_backend, c.grad_checkpointing)

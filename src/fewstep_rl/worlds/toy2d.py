@@ -112,6 +112,17 @@ class Toy2DWorld(World):
         """Data dimension d."""
         return len(self.cfg.means[0])
 
+    @classmethod
+    def check_roles(cls, roles: Any) -> None:
+        """toy2d's roles are residual MLPs (sized by ``world.hidden``/``world.layers``): only ``roles.mode: lora``."""
+        if roles.mode != "lora":
+            raise ValueError(f"toy2d roles are residual-MLP adapters on the analytic teacher; roles.mode must be "
+                             f"'lora', got {roles.mode!r}")
+        for key in ("rank", "alpha", "targets"):
+            if getattr(roles, key) is not None:
+                raise ValueError(f"roles.{key} does not apply to toy2d (its adapters are residual MLPs sized by "
+                                 "world.hidden and world.layers)")
+
     def build_backbone(self) -> GaussianMixtureBackbone:
         """A fresh analytic teacher with no roles."""
         c = self.cfg

@@ -3,7 +3,7 @@
 Prompts describe small compositional scenes (``grammar.py``); the teacher is a tiny diffusers
 ``SD3Transformer2DModel`` + tiny CLIP text encoder in pixel space (16×16), trained by ``teacher.py`` and shipped in
 ``assets/teacher`` (diffusers format, fp16); it loads through the ``sd3`` backbone, so trainable roles are peft LoRA
-adapters on it (or full copies with ``world.roles_mode: full``). Rewards: ``gold`` (the exact verifier,
+adapters on it (or full copies with ``roles.mode: full``; LoRA rank 16, alpha 32 by default). Rewards: ``gold`` (the exact verifier,
 black-box) and ``proxy`` (a small learned differentiable scorer, ``proxy.py``). Evaluation reports gold partial
 credit and strict all-correct accuracy, separately for training prompts and for the held-out relational prompts
 (never seen by the teacher), plus the proxy score — gold-vs-proxy is where reward hacking shows.
@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,15 +32,10 @@ class ShapesConfig:
     """The ``shapes`` world (``world.*`` keys)."""
 
     path: str | None = knob(None, "teacher directory (diffusers format); default: the weights shipped in the package")
-    roles_mode: Literal["lora", "full"] = knob("lora", "trainable roles as LoRA adapters or full copies")
-    lora_rank: int = knob(16, "LoRA rank of every trainable role")
-    lora_alpha: int = knob(32, "LoRA alpha (scale alpha/rank)")
     guidance: float | None = knob(None, "teacher CFG scale (default: the shipped teacher's, 4.0)")
     eval_heldout_frac: float = knob(0.25, "fraction of evaluation prompts drawn from the held-out relational set")
 
     def __post_init__(self) -> None:
-        if self.lora_rank < 1 or self.lora_alpha <= 0:
-            raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
         if not 0.0 <= self.eval_heldout_frac <= 1.0:
             raise ValueError("eval_heldout_frac must lie in [0, 1]")
 
@@ -51,6 +46,7 @@ class ShapesWorld(World):
     name = "shapes"
     Config = ShapesConfig
     sample_kind = "images"
+    roles_defaults = {"rank": 16, "alpha": 32.0}
 
     def __init__(self, cfg: ShapesConfig | None = None) -> None:
         super().__init__(cfg or ShapesConfig())
@@ -67,9 +63,7 @@ class ShapesWorld(World):
     def build_backbone(self) -> Any:
         from fewstep_rl.backbones.sd3 import SD3Backbone
 
-        return SD3Backbone.from_pretrained(
-            self.dir, roles_mode=self.cfg.roles_mode, lora_rank=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha
-        )
+        return SD3Backbone.from_pretrained(self.dir, roles=self.roles_config())
 
     @property
     def train_prompts(self) -> list[str]:

@@ -1,22 +1,33 @@
-"""Roles over one frozen base: trainable adapters, parameter snapshots, EMA and blending schedules.
+"""Trainable roles and parameter snapshots over a backbone: creation, copies, blending, EMA (methods.md §1.6).
 
 A *role* is a named view of the backbone (architecture.md §3): ``generator``, ``fake_score``, ``surrogate`` are
-trainable adapters (peft LoRA on diffusers models, residual MLPs in toy2d, or full copies with
-``roles.mode: full``), zero-initialised so each starts equal to the teacher; ``teacher``/``reference`` is the frozen
-base with every adapter off; ``ema``, ``old`` and ``sampler`` are *snapshots* — adapters of the same shape whose
-parameters are copies of another role, updated by blending on a schedule (methods.md §1.6).
+trainable (peft LoRA on diffusers models, residual MLPs in toy2d, or full copies with ``roles.mode: full``),
+zero-initialised so each starts equal to the teacher; ``teacher``/``reference`` is the frozen base with every role
+off; ``ema``, ``old`` and ``sampler`` are *snapshots* — roles of the same shape whose parameters are copies of
+another role, updated by blending on a schedule.
 
-Everything here works on ``Backbone.role_parameters`` lists, so it is the same for every backbone family.
+Everything here works on ``backbone.add_role`` / ``backbone.role_parameters``, so it is the same for every backbone
+family and every store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from fewstep_rl.backbones.base import Backbone
+
+class Backbone(Protocol):
+    """What this module needs of a backbone (:class:`fewstep_rl.backbones.base.Backbone` has it)."""
+
+    @property
+    def roles(self) -> list[str]: ...
+
+    def add_role(self, name: str, trainable: bool = True) -> None: ...
+
+    def role_parameters(self, name: str) -> list[torch.nn.Parameter]: ...
 
 
 def add_roles(backbone: Backbone, trainable: Iterable[str], snapshots: dict[str, str] | None = None) -> None:

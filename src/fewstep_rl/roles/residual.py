@@ -1,0 +1,86 @@
+"""``ResidualStore``: zero-initialised additive adapters over an analytic base (toy2d, architecture.md §3).
+
+Role ``r`` predicts ``base(x, σ, c) + Σ merged + Σ folds of r + a_r(x, σ, c)``: an adapter is any module
+``a(x, σ, c)`` whose output starts at zero (toy2d's residual MLPs with a zero last layer), so every role starts
+exactly equal to the base. A merge appends a frozen copy of the role's adapter to ``merged`` (the base every role
+shares); a fold stores a frozen copy under ``folded[fold name]``, active under the fold's member roles.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import ClassVar
+
+from torch import nn
+
+from fewstep_rl.roles.store import RoleStore
+
+
+class ResidualStore(RoleStore):
+    """Additive adapters over an analytic base (see the module docstring).
+
+    Args:
+        new_adapter: builds an adapter module (any initialisation; :func:`init_adapter` sets it).
+        init_adapter: ``(adapter, role, reset count)`` → initialise in place so the adapter outputs zero,
+            deterministically in (role, reset count).
+
+    Attributes:
+        adapters: role → its adapter.
+        merged: frozen adapters folded into the shared base by merges.
+        folded: frozen adapters folded into some roles' private bases, keyed by fold name.
+    """
+
+    kind: ClassVar[str] = "residual"
+
+    def __init__(self, new_adapter: Callable[[], nn.Module], init_adapter: Callable[[nn.Module, str, int], None]):
+        super().__init__(None)
+        self.new_adapter, self.init_adapter = new_adapter, init_adapter
+        self.adapters = nn.ModuleDict()
+        self.merged = nn.ModuleList()
+        self.folded = nn.ModuleDict()
+
+    def _create(self, name: str, trainable: bool) -> None:
+        self.adapters[name] = self.new_adapter()
+        self.init_adapter(self.adapters[name], name, self._resets[name])
+        self.adapters[name].requires_grad_(trainable)
+
+    def _parameters_of(self, name: str) -> list[nn.Parameter]:
+        """Every parameter of the role's adapter."""
+        return list(self.adapters[name].parameters())
+
+    def _reinit(self, name: str) -> None:
+        self.init_adapter(self.adapters[name], name, self._resets[name])
+
+    def _merge(self, name: str) -> None:
+        self.merged.append(copy.deepcopy(self.adapters[name]).requires_grad_(False))
+
+    def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        self.folded[fold_name] = copy.deepcopy(self.adapters[name]).requires_grad_(False)
+        self._register_fold(fold_name)
+        for r in members:
+            self.reset(r)
+
+    def activate(self, role: str | None) -> list[nn.Module]:
+        """The adapters whose outputs ``role`` adds to the base, in order: merged, the role's folds, its own."""
+        out = list(self.merged)
+        if role is not None:
+            out += [self.folded[f] for f in self.folds_of(role)]
+            out.append(self.adapters[role])
+        return out
+
+    def prepare_load(self, state_dict: dict, prefix: str, base_prefix: str | None) -> None:
+        """Create as many (frozen) merged and folded adapters as the incoming state dict holds."""
+        head = prefix + "merged."
+        idx = {int(k[len(head):].split(".", 1)[0]) for k in state_dict if k.startswith(head)}
+        while len(self.merged) < (max(idx) + 1 if idx else 0):
+            self.merged.append(self.new_adapter().requires_grad_(False))
+        head = prefix + "folded."
+        for name in sorted({k[len(head):].split(".", 1)[0] for k in state_dict if k.startswith(head)}):
+            if name not in self.folded:
+                self.folded[name] = self.new_adapter().requires_grad_(False)
+                self._register_fold(name)
+
+    def networks(self) -> list[nn.Module]:
+        """Each role's adapter (the analytic base has no network)."""
+        return list(self.adapters.values())

@@ -1,0 +1,95 @@
+"""The backbone families under the conformance suite (:mod:`fewstep_rl.testing.conformance`), one entry each.
+
+A new backbone adds its :class:`~fewstep_rl.testing.conformance.BackboneCase` to :data:`CASES`: a tiny random model
+of the family's real classes written in its real diffusers layout (``save_pretrained``), the family's real loading
+code, and the family's diffusers pipeline run on our noise and σ grid. ``tests/test_conformance.py`` and
+``tests/test_conformance_fit.py`` run every applicable check of every entry in ``make test``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fewstep_rl.roles import RolesConfig
+from fewstep_rl.testing.conformance import BackboneCase
+
+SD3_PROMPTS = ("a red cube", "two blue balls", "a green cone")
+
+
+def _sd3_prepare(workdir: Path) -> Path:
+    """A tiny random ``StableDiffusion3Pipeline`` (2 CLIPs, T5, VAE, shift 3) written with ``save_pretrained``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from fewstep_rl.backbones import tiny
+
+    d = workdir / "sd3"
+    StableDiffusion3Pipeline(**tiny.sd3_pipeline_components()).save_pretrained(d)
+    return d
+
+
+def _sd3_load(d: Path, roles: RolesConfig | None) -> Any:
+    from fewstep_rl.backbones.sd3 import SD3Backbone
+
+    return SD3Backbone.from_pretrained(d, roles=roles, resolution=16)
+
+
+def _sd3_pipeline(d: Path, prompts: Sequence[str], noise: Tensor, sigmas: Tensor, guidance: float) -> tuple[Tensor,
+                                                                                                          Tensor]:
+    """``StableDiffusion3Pipeline`` with our noise as ``latents`` and our σ grid as ``sigmas`` (shift 1, so the
+    scheduler uses them exactly as given)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(d, local_files_only=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    side = noise.shape[-1] * pipe.vae_scale_factor
+    kw = dict(prompt=list(prompts), guidance_scale=guidance, sigmas=sigmas[:-1].tolist(), height=side, width=side)
+    latents = pipe(latents=noise.clone(), output_type="latent", **kw).images
+    assert torch.equal(pipe.scheduler.sigmas, sigmas.to(pipe.scheduler.sigmas))
+    images = pipe(latents=noise.clone(), output_type="pt", **kw).images
+    return latents, images
+
+
+def _shapes_prepare(workdir: Path) -> Path:
+    from fewstep_rl.worlds.shapes.world import ASSETS
+
+    return ASSETS / "teacher"
+
+
+def _toy2d_load(d: Path, roles: RolesConfig | None) -> Any:
+    from fewstep_rl.worlds.toy2d import Toy2DConfig, Toy2DWorld
+
+    if roles is not None:
+        Toy2DWorld.check_roles(roles)
+    return Toy2DWorld(Toy2DConfig(hidden=16)).build_backbone()
+
+
+CASES: dict[str, BackboneCase] = {
+    "sd3": BackboneCase(
+        name="sd3", prepare=_sd3_prepare, load=_sd3_load, prompts=SD3_PROMPTS, pipeline=_sd3_pipeline, world="sd3",
+        world_args=lambda d, p: ["--world.path", str(d), "--world.prompts", str(p), "--world.resolution", "16",
+                                 "--roles.rank", "2"],
+        rewards="fewstep_rl.perf.bench_reward:MeanPixelReward", save=lambda bb, d: bb.save_pretrained(d),
+    ),
+    "shapes": BackboneCase(
+        name="shapes", prepare=_shapes_prepare, load=lambda d, roles: _sd3_load_native(d, roles),
+        prompts=("a red circle", "two blue squares", "a green triangle above a red square"), world="shapes",
+        world_args=lambda d, p: ["--roles.rank", "2"], save=lambda bb, d: bb.save_pretrained(d),
+    ),
+    "toy2d": BackboneCase(
+        name="toy2d", prepare=lambda w: w, load=_toy2d_load, prompts=("left", "right", ""), modes=("lora",),
+        lora=RolesConfig(), world="toy2d", world_args=lambda d, p: ["--world.hidden", "16"], logp_atol=0.0,
+        roles_draw_global_rng=True, exports=False,
+    ),
+}
+
+
+def _sd3_load_native(d: Path, roles: RolesConfig | None) -> Any:
+    from fewstep_rl.backbones.sd3 import SD3Backbone
+
+    return SD3Backbone.from_pretrained(d, roles=roles)

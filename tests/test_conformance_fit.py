@@ -1,0 +1,40 @@
+"""Conformance, part 2: ``fewstep-rl fit`` of every registered method for 2 iterations through the real CLI on each
+conformance case's world (sd3 on a tiny random pipeline directory, shapes, toy2d); see
+fewstep_rl.testing.conformance."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+
+from fewstep_rl import registry
+from fewstep_rl.testing.cases import CASES
+from fewstep_rl.testing.conformance import Conformance, checks_for
+
+METHODS = registry.names("methods")
+PARAMS = [
+    pytest.param(name, method, id=f"{name}-{method}")
+    for name, case in CASES.items() for check, method in checks_for(case, METHODS) if check == "cli_fit"
+]
+
+
+@pytest.fixture(scope="module")
+def suites(tmp_path_factory):
+    made: dict[str, Conformance] = {}
+
+    def get(name: str) -> Conformance:
+        if name not in made:
+            made[name] = Conformance(CASES[name], tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get
+
+
+def test_every_case_with_a_world_fits_every_method():
+    assert {"sd3", "shapes", "toy2d"} <= {p.values[0] for p in PARAMS} and len(PARAMS) == 3 * len(METHODS)
+
+
+@pytest.mark.parametrize(("name", "method"), PARAMS)
+def test_fit_through_the_cli(suites, name, method, tmp_path):
+    suites(name).check_cli_fit(method, tmp_path / "run")
