@@ -21,3 +21,19 @@ def _clean_env():
     yield
     for k in _DIST_VARS:
         os.environ.pop(k, None)
+
+
+@pytest.fixture(scope="module")
+def suites(tmp_path_factory):
+    """The conformance suite of a backbone case by name (fewstep_rl.testing.cases), built once per test module."""
+    from fewstep_rl.testing.cases import CASES
+    from fewstep_rl.testing.conformance import Conformance
+
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = Conformance(CASES[name], tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get

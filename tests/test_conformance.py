@@ -10,24 +10,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 
 from fewstep_rl.testing.cases import CASES
-from fewstep_rl.testing.conformance import Conformance, checks_for
+from fewstep_rl.testing.conformance import checks_for
 
 PARAMS = [
     pytest.param(name, check, arg, id=f"{name}-{check}" + (f"[{arg}]" if arg else ""))
     for name, case in CASES.items() for check, arg in checks_for(case)
 ]
-
-
-@pytest.fixture(scope="module")
-def suites(tmp_path_factory):
-    made: dict[str, Conformance] = {}
-
-    def get(name: str) -> Conformance:
-        if name not in made:
-            made[name] = Conformance(CASES[name], tmp_path_factory.mktemp(name))
-        return made[name]
-
-    return get
 
 
 @pytest.mark.parametrize(("name", "check", "arg"), PARAMS)

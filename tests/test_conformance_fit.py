@@ -10,25 +10,13 @@ import pytest
 
 from fewstep_rl import registry
 from fewstep_rl.testing.cases import CASES
-from fewstep_rl.testing.conformance import Conformance, checks_for
+from fewstep_rl.testing.conformance import checks_for
 
 METHODS = registry.names("methods")
 PARAMS = [
     pytest.param(name, method, id=f"{name}-{method}")
     for name, case in CASES.items() for check, method in checks_for(case, METHODS) if check == "cli_fit"
 ]
-
-
-@pytest.fixture(scope="module")
-def suites(tmp_path_factory):
-    made: dict[str, Conformance] = {}
-
-    def get(name: str) -> Conformance:
-        if name not in made:
-            made[name] = Conformance(CASES[name], tmp_path_factory.mktemp(name))
-        return made[name]
-
-    return get
 
 
 def test_every_case_with_a_world_fits_every_method():
