@@ -129,8 +129,16 @@ class MultiReward(nn.Module):
 
     def differentiable_subset(self) -> MultiReward:
         """The differentiable rewards with their weights (for reward back-prop branches)."""
-        keep = [(r, w) for r, w in zip(self.rewards, self.weights) if r.differentiable]
-        return MultiReward([r for r, _ in keep], [w for _, w in keep])
+        return self._subset(lambda r, w: r.differentiable)
+
+    def weighted(self) -> MultiReward:
+        """The rewards with a nonzero weight: what training scores (weight-0 rewards are evaluation-only)."""
+        return self._subset(lambda r, w: w != 0)
+
+    def _subset(self, keep: Any) -> MultiReward:
+        """The rewards (same modules) and weights for which ``keep(reward, weight)`` holds."""
+        pairs = [(r, w) for r, w in zip(self.rewards, self.weights) if keep(r, w)]
+        return MultiReward([r for r, _ in pairs], [w for _, w in pairs])
 
     def forward(self, samples: Tensor, prompts: Sequence[str], meta: Sequence[dict] | None = None) -> dict[str, Tensor]:
         return {r.name: r(samples, prompts, meta) for r in self.rewards}
