@@ -107,6 +107,7 @@ from fewstep_rl.objectives.crd import (
     implicit_reward,
     velocity_kl,
 )
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Transition, forward_noise, sample
 from fewstep_rl.sampling.stratified import stratified_levels
@@ -339,21 +340,13 @@ class CRD(FewStepMethod):
         # 1. rollouts of the sampler snapshot (micro-batch c = prompts c·chunk … (c+1)·chunk−1: whole groups)
         g = self.rng("rollout")
         sigmas = self.sampling_sigmas().to(self.device)
-        with torch.no_grad():
-            x0 = torch.cat(
-                [
-                    sample(
-                        self.velocity_fn("sampler", conds[c]),
-                        self.randn(self.sample_shape(chunk), g),
-                        sigmas,
-                        self.chain,
-                        generator=g,
-                    ).final
-                    for c in range(n_chunks)
-                ]
-            )
-            # 2. rewards → regression signal and KL-adaptivity signal
-            reward = self.rewards.combine(self.rewards(self.backbone.decode(x0), prompts))
+        scores = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        with torch.no_grad():  # chunk c+1 rolls out while the black-box rewards score chunk c
+            x0 = scores.add_chunks((sample(self.velocity_fn("sampler", conds[c]), self.randn(self.sample_shape(chunk), g),
+                                           sigmas, self.chain, generator=g).final, prompts[c * chunk : (c + 1) * chunk])
+                                   for c in range(n_chunks))
+        # 2. rewards → regression signal and KL-adaptivity signal
+        reward = scores.combined()
         signal, kl_signal = self.reward_signals(reward, group)
         metrics: dict[str, Any] = {"reward": reward.mean()}
         # 3.–5. per micro-batch of whole groups: implicit reward, centred regression, KL anchor; one step each

@@ -61,6 +61,7 @@ from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import advantages_to_unit, group_advantages, loo_advantages
 from fewstep_rl.objectives.crd import velocity_kl
 from fewstep_rl.objectives.nft import nft_policy_loss
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Transition, forward_noise, sample
 from fewstep_rl.sampling.stratified import stratified_levels
@@ -176,21 +177,13 @@ class DiffusionNFT(FewStepMethod):
         # 1. rollouts of the old snapshot
         g = self.rng("rollout")
         sigmas = self.sampling_sigmas().to(self.device)
-        with torch.no_grad():
-            x0 = torch.cat(
-                [
-                    sample(
-                        self.velocity_fn("old", conds[c]),
-                        self.randn(self.sample_shape(chunk), g),
-                        sigmas,
-                        self.chain,
-                        generator=g,
-                    ).final
-                    for c in range(n_chunks)
-                ]
-            )
-            # 2. rewards → optimality probabilities
-            reward = self.rewards.combine(self.rewards(self.backbone.decode(x0), prompts))
+        scores = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        with torch.no_grad():  # chunk c+1 rolls out while the black-box rewards score chunk c
+            x0 = scores.add_chunks((sample(self.velocity_fn("old", conds[c]), self.randn(self.sample_shape(chunk), g),
+                                           sigmas, self.chain, generator=g).final, prompts[c * chunk : (c + 1) * chunk])
+                                   for c in range(n_chunks))
+        # 2. rewards → optimality probabilities
+        reward = scores.combined()
         r_unit = self.optimality(reward, group)
         metrics: dict[str, Any] = {"reward": reward.mean()}
         # 3. NFT loss per micro-batch of whole groups, stratified levels shared by the batch and ranks

@@ -119,6 +119,7 @@ from fewstep_rl.objectives import (
 )
 from fewstep_rl.objectives.crd import center
 from fewstep_rl.objectives.kl_dmd import kl_dmd_loss
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, copy_role
 from fewstep_rl.sampling import (
     NoiseSource,
@@ -471,9 +472,11 @@ class RTDMD(FewStepMethod):
         return self.iteration * self.cfg.stage2_epochs_per_batch + e
 
     def rollout_stage2(
-        self, prompts: list[str], cond_fn: Any, selected: tuple[int, ...], e: int = 0
+        self, prompts: list[str], cond_fn: Any, selected: tuple[int, ...], e: int = 0,
+        scores: RolloutScores | None = None,
     ) -> list[Trajectory]:
-        """CPS rollouts in micro-batch chunks with group-shared noise at the non-selected stochastic steps."""
+        """CPS rollouts in micro-batch chunks with group-shared noise at the non-selected stochastic steps; each chunk
+        is handed to ``scores`` when done (black-box rewards score it while the next chunk rolls out)."""
         cfg = self.cfg
         shared = [j for j in range(cfg.num_steps - 1) if j not in selected]
         g = self.rng(self._epoch_tag("rollout", e))
@@ -486,6 +489,8 @@ class RTDMD(FewStepMethod):
             with torch.no_grad():
                 trajs.append(sample(self.velocity_fn("generator", cond_fn(c)), self.randn(self.sample_shape(len(p)), g),
                                     sigmas, self.chain, noise_source=noise, log_prob_mode="cps_mse"))
+            if scores is not None:
+                scores.add(trajs[-1].final, p)
         return trajs
 
     def aux_loss(self, traj: Trajectory, cond: Any, prompts: list[str], tag: str) -> tuple[Tensor, dict[str, Tensor]]:
@@ -534,13 +539,13 @@ class RTDMD(FewStepMethod):
         # 1. SubGRPO step subset, identical on every rank
         selected = step_subset(range(cfg.num_steps - 1), cfg.subgrpo_steps,
                                self.rng(self._epoch_tag("subgrpo", e), per_rank=False))
-        # 2. rollouts
-        trajs = self.rollout_stage2(prompts, lambda c: conds[c], selected, e)
+        # 2. rollouts, each chunk submitted to the rewards when done
+        pending = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        trajs = self.rollout_stage2(prompts, lambda c: conds[c], selected, e, pending)
         x0 = torch.cat([tr.final for tr in trajs])
-        # 3. rewards → advantages
-        with torch.no_grad():
-            scores = self.rewards(self.backbone.decode(x0), prompts)
+        # 3. rewards → advantages (the reference KL needs no score: black-box scoring still runs meanwhile)
         kl_steps = self.ppo_ref_kl(trajs, conds)  # (K−1, n) true-scale KL of each stochastic step, or None
+        scores = pending.result()
         if cfg.ppo_advantage == "beta":
             adv_steps = self.beta_advantages(self.rewards.combine(scores), group, kl_steps)
             adv = adv_steps[0]

@@ -113,6 +113,7 @@ from fewstep_rl.objectives import (
 )
 from fewstep_rl.objectives.dgpo import dgpo_loss, per_sample_mse
 from fewstep_rl.objectives.tdm import direction_weight, tdm_fake_loss
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Trajectory, Transition, sample, x0_from_v
 from fewstep_rl.sampling.noise import group_noise, stable_hash
@@ -419,21 +420,20 @@ class TDMR1(FewStepMethod):
         return total / draws
 
     # ------------------------------------------------------------------ the recipe
-    def rollout(self, prompts: list[str], conds: list[Any]) -> list[Trajectory]:
-        """Deterministic K-step Euler rollouts of the generator, one trajectory per micro-batch (no grad)."""
+    def rollout(self, prompts: list[str], conds: list[Any], scores: RolloutScores | None = None) -> list[Trajectory]:
+        """Deterministic K-step Euler rollouts of the generator, one trajectory per micro-batch (no grad), each
+        handed to ``scores`` when done (black-box rewards score it while the next micro-batch rolls out)."""
         g = self.rng("rollout")
         sigmas = self.sampling_sigmas().to(self.device)
         chunk = len(prompts) // self.cfg.micro_batches
+        trajs = []
         with torch.no_grad():
-            return [
-                sample(
-                    self.velocity_fn("generator", conds[c]),
-                    self.randn(self.sample_shape(chunk), g),
-                    sigmas,
-                    Transition("euler"),
-                )
-                for c in range(self.cfg.micro_batches)
-            ]
+            for c in range(self.cfg.micro_batches):
+                trajs.append(sample(self.velocity_fn("generator", conds[c]), self.randn(self.sample_shape(chunk), g),
+                                    sigmas, Transition("euler")))
+                if scores is not None:
+                    scores.add(trajs[-1].final, prompts[c * chunk : (c + 1) * chunk])
+        return trajs
 
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -442,12 +442,11 @@ class TDMR1(FewStepMethod):
         group = batch["group"].to(self.device)
         chunk = len(prompts) // cfg.micro_batches
         conds = [self.backbone.encode_prompts(prompts[c * chunk : (c + 1) * chunk]) for c in range(cfg.micro_batches)]
-        # 1. rollouts
-        trajs = self.rollout(prompts, conds)
+        # 1. rollouts, each micro-batch submitted to the rewards when done
+        scores = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        trajs = self.rollout(prompts, conds, scores)
         # 2. rewards → advantages (black box: no gradient ever leaves the reward)
-        with torch.no_grad():
-            x0_all = torch.cat([tr.final for tr in trajs])
-            reward = self.rewards.combine(self.rewards(self.backbone.decode(x0_all), prompts))
+        reward = scores.combined()
         adv = self.advantages(reward, group)
         metrics: dict[str, Any] = {"reward": reward.mean(), "adv_abs": adv.abs().mean()}
         # 3. fake → surrogate → generator per trained step, accumulated over micro-batches × steps

@@ -68,6 +68,7 @@ class FewStepMethod(L.LightningModule):
         self.iteration = 0
         self.stream_pos = 0
         self.max_iterations: int | None = None  # set from trainer.max_steps by run.assemble
+        self.reward_overlap = True  # set from trainer.reward_overlap by run.assemble (rewards.RolloutScores)
         self.updates: dict[str, int] = dict.fromkeys(self.trainable_roles, 0)
         if self.eval_rewards is not None:
             self.eval_rewards.requires_grad_(False)
