@@ -57,8 +57,9 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.distributed import over_ranks
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import advantages_to_unit, group_advantages, loo_advantages
+from fewstep_rl.objectives import advantages_to_unit, regime_advantages
 from fewstep_rl.objectives.crd import velocity_kl
 from fewstep_rl.objectives.nft import nft_policy_loss
 from fewstep_rl.rewards import RolloutScores
@@ -146,22 +147,12 @@ class DiffusionNFT(FewStepMethod):
     def sampling_transition(self) -> Transition:
         return self.chain
 
-    def _gather(self, x: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
     def optimality(self, reward: Tensor, group: Tensor) -> Tensor:
         """``r̃ ∈ [0, 1]`` from GRPO advantages with the std over every rank (§1.5); ``regime: tilt``:
         ``½ + A/(2A_max)`` from raw leave-one-out advantages, unclipped (any real value)."""
         cfg = self.cfg
-        r_all, g_all = self._gather(reward.detach().float()), self._gather(group)
-        if cfg.regime == "tilt":
-            adv = loo_advantages(r_all, g_all)
-        else:
-            adv = group_advantages(r_all, g_all, std="global", clip=cfg.adv_clip)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            adv = adv.reshape(self.trainer.world_size, -1)[self.global_rank]
+        adv = over_ranks(self, lambda r, g: regime_advantages(r, g, cfg.regime, cfg.adv_clip), reward.detach().float(),
+                         group)
         if cfg.regime == "tilt":
             return 0.5 + adv / (2 * cfg.adv_clip)
         return advantages_to_unit(adv, cfg.adv_clip)

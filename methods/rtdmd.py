@@ -105,6 +105,7 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.distributed import over_ranks
 from fewstep_rl.init_from import load_roles
 from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import (
@@ -406,23 +407,15 @@ class RTDMD(FewStepMethod):
         return metrics
 
     # ------------------------------------------------------------------ stage 2
-    def _gather(self, x: Tensor) -> Tensor:
-        """Concatenate ``x`` over ranks (identity on one process)."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
     def advantages(self, scores: dict[str, Tensor], group: Tensor) -> Tensor:
         """Normalise-then-sum advantages with per-group means and the global std over every rank (§1.5)."""
-        names = list(scores)
-        full = {k: self._gather(scores[k].detach().float()) for k in names}
-        groups = self._gather(group.to(self.device))
-        adv = multi_reward_advantages(full, dict(zip(self.rewards.names, self.rewards.weights)), groups,
-                                      std="global", clip=self.cfg.adv_clip)
-        if self._trainer is None or self.trainer.world_size == 1:
-            return adv
-        n = group.shape[0]
-        return adv.reshape(self.trainer.world_size, n)[self.global_rank]
+        names, weights = list(scores), dict(zip(self.rewards.names, self.rewards.weights))
+
+        def batch_adv(*full: Tensor) -> Tensor:  # every rank's scores (one tensor per reward), then the group ids
+            return multi_reward_advantages(dict(zip(names, full[:-1])), weights, full[-1], std="global",
+                                           clip=self.cfg.adv_clip)
+
+        return over_ranks(self, batch_adv, *(scores[k].detach().float() for k in names), group.to(self.device))
 
     def ppo_ref_kl(self, trajs: list[Trajectory], conds: list[Any]) -> Tensor | None:
         """``KL(π_old(·|x_k) ‖ π_ref(·|x_k)) = Σ_d (μ_old − μ_ref)²/(2 s_k²)`` per stochastic step k and sample,
@@ -455,12 +448,11 @@ class RTDMD(FewStepMethod):
         if kl_steps is not None:  # KL-to-go: the steps after j
             after = kl_steps.flip(0).cumsum(0).flip(0) - kl_steps
             g = g - cfg.ppo_kl * after
-        full = self._gather(g.T.contiguous()).T  # (K−1, N) over every rank
-        groups = self._gather(group.to(self.device))
-        adv = torch.stack([center(row, groups, "group") for row in full]).clamp(-cfg.adv_clip, cfg.adv_clip)
-        if self._trainer is None or self.trainer.world_size == 1:
-            return adv
-        return adv.reshape(cfg.num_steps - 1, self.trainer.world_size, n)[:, self.global_rank]
+
+        def batch_adv(full: Tensor, groups: Tensor) -> Tensor:  # (N, K−1) over every rank → (N, K−1)
+            return torch.stack([center(row, groups, "group") for row in full.T]).clamp(-cfg.adv_clip, cfg.adv_clip).T
+
+        return over_ranks(self, batch_adv, g.T.contiguous(), group.to(self.device)).T
 
     def _epoch_tag(self, tag: str, e: int) -> str:
         """RNG tag of stage-2 sub-epoch ``e`` of this iteration (unchanged for the first: one epoch per iteration

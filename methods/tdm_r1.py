@@ -102,15 +102,10 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.distributed import over_ranks
 from fewstep_rl.init_from import load_roles
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import (
-    ambient_renoise,
-    ambient_velocity_target,
-    direction_loss,
-    group_advantages,
-    loo_advantages,
-)
+from fewstep_rl.objectives import ambient_renoise, ambient_velocity_target, direction_loss, regime_advantages
 from fewstep_rl.objectives.dgpo import dgpo_loss, per_sample_mse
 from fewstep_rl.objectives.tdm import direction_weight, tdm_fake_loss
 from fewstep_rl.rewards import RolloutScores
@@ -260,24 +255,6 @@ class TDMR1(FewStepMethod):
         return group_noise(
             keys, step, self.iteration, tuple(like.shape[1:]), stable_hash(self.seed, tag), like.dtype, like.device
         )
-
-    # ------------------------------------------------------------------ feedback
-    def _gather(self, x: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
-    def advantages(self, reward: Tensor, group: Tensor) -> Tensor:
-        """GRPO advantages: per-group mean, global std over every rank, clipped (§1.5, §4.4); ``regime: tilt``: raw
-        leave-one-out advantages in reward units."""
-        r_all, g_all = self._gather(reward.detach().float()), self._gather(group.to(self.device))
-        if self.cfg.regime == "tilt":
-            adv = loo_advantages(r_all, g_all)
-        else:
-            adv = group_advantages(r_all, g_all, std="global", clip=self.cfg.adv_clip)
-        if self._trainer is None or self.trainer.world_size == 1:
-            return adv
-        return adv.reshape(self.trainer.world_size, -1)[self.global_rank]
 
     # ------------------------------------------------------------------ losses
     def fake_loss(
@@ -447,7 +424,9 @@ class TDMR1(FewStepMethod):
         trajs = self.rollout(prompts, conds, scores)
         # 2. rewards → advantages (black box: no gradient ever leaves the reward)
         reward = scores.combined()
-        adv = self.advantages(reward, group)
+        # GRPO advantages: per-group mean, global std over every rank, clipped (§1.5, §4.4); tilt: leave-one-out, raw
+        adv = over_ranks(self, lambda r, g: regime_advantages(r, g, cfg.regime, cfg.adv_clip), reward.detach().float(),
+                         group)
         metrics: dict[str, Any] = {"reward": reward.mean(), "adv_abs": adv.abs().mean()}
         # 3. fake → surrogate → generator per trained step, accumulated over micro-batches × steps
         for role in self.trainable_roles:

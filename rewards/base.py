@@ -15,8 +15,9 @@ import contextlib
 import dataclasses
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -50,6 +51,31 @@ def check_scores(name: str, out: Any, batch: int) -> Tensor:
         raise RewardError(f"reward {name!r} returned {int((~finite).sum())} non-finite score(s) ({kinds}) for "
                           f"{batch} samples; a reward must return finite scores")
     return out.float()
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """``torch.load(path)`` on the CPU with ``weights_only=True``; an unreadable file is one ``ValueError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on a bad file
+        raise ValueError(f"cannot read {str(path)!r} as a torch checkpoint: {type(e).__name__}: {e}") from None
+
+
+def load_weights(
+    module: nn.Module, state_dict: Mapping[str, Tensor], reward: str, source: str | Path, what: str = "the model",
+    rebuilt: tuple[str, ...] = ("position_ids",),
+) -> None:
+    """Load a reward model's ``state_dict`` into ``module``, strictly: a missing key (other than buffers the model
+    builds itself, whose names end in ``rebuilt``), an unexpected key or a shape mismatch is one ``ValueError`` naming
+    the reward, the file and the first five keys."""
+    try:
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise ValueError(f"reward {reward!r}: {str(source)!r} does not fit {what}: {e}") from None
+    missing = [k for k in missing if not k.endswith(rebuilt)]
+    if missing or unexpected:
+        raise ValueError(f"reward {reward!r}: {str(source)!r} does not fit {what}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
 
 
 @dataclasses.dataclass
