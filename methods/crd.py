@@ -97,8 +97,9 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.distributed import over_ranks
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import advantages_to_unit, flow_matching_loss, group_advantages
+from fewstep_rl.objectives import advantages_to_unit, flow_matching_loss, regime_advantages
 from fewstep_rl.objectives.crd import (
     adaptive_kl_coef,
     center,
@@ -107,6 +108,7 @@ from fewstep_rl.objectives.crd import (
     implicit_reward,
     velocity_kl,
 )
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Transition, forward_noise, sample
 from fewstep_rl.sampling.stratified import stratified_levels
@@ -212,21 +214,13 @@ class CRD(FewStepMethod):
         return self.chain
 
     # ------------------------------------------------------------------ pieces
-    def _gather(self, x: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
     def reward_signals(self, reward: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
         """``(R, s)``: the regression signal and the KL-adaptivity signal in [0, 1]."""
         cfg = self.cfg
         unit = None
         if cfg.reward_signal == "unit" or cfg.kl_adaptive == "advantage":
-            adv = group_advantages(
-                self._gather(reward.detach().float()), self._gather(group), std="global", clip=cfg.adv_clip
-            )
-            if self._trainer is not None and self.trainer.world_size > 1:
-                adv = adv.reshape(self.trainer.world_size, -1)[self.global_rank]
+            adv = over_ranks(self, lambda r, g: regime_advantages(r, g, "paper", cfg.adv_clip), reward.detach().float(),
+                             group)
             unit = advantages_to_unit(adv, cfg.adv_clip)
         signal = unit if cfg.reward_signal == "unit" else reward.detach().float()
         kl_signal = unit if cfg.kl_adaptive == "advantage" else reward.detach().float().clamp(0.0, 1.0)
@@ -339,21 +333,13 @@ class CRD(FewStepMethod):
         # 1. rollouts of the sampler snapshot (micro-batch c = prompts c·chunk … (c+1)·chunk−1: whole groups)
         g = self.rng("rollout")
         sigmas = self.sampling_sigmas().to(self.device)
-        with torch.no_grad():
-            x0 = torch.cat(
-                [
-                    sample(
-                        self.velocity_fn("sampler", conds[c]),
-                        self.randn(self.sample_shape(chunk), g),
-                        sigmas,
-                        self.chain,
-                        generator=g,
-                    ).final
-                    for c in range(n_chunks)
-                ]
-            )
-            # 2. rewards → regression signal and KL-adaptivity signal
-            reward = self.rewards.combine(self.rewards(self.backbone.decode(x0), prompts))
+        scores = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        with torch.no_grad():  # chunk c+1 rolls out while the black-box rewards score chunk c
+            x0 = scores.add_chunks((sample(self.velocity_fn("sampler", conds[c]), self.randn(self.sample_shape(chunk), g),
+                                           sigmas, self.chain, generator=g).final, prompts[c * chunk : (c + 1) * chunk])
+                                   for c in range(n_chunks))
+        # 2. rewards → regression signal and KL-adaptivity signal
+        reward = scores.combined()
         signal, kl_signal = self.reward_signals(reward, group)
         metrics: dict[str, Any] = {"reward": reward.mean()}
         # 3.–5. per micro-batch of whole groups: implicit reward, centred regression, KL anchor; one step each

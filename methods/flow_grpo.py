@@ -64,9 +64,11 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.distributed import over_ranks
 from fewstep_rl.init_from import load_roles
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import group_advantages, loo_advantages, mean_kl, ppo_clip_loss
+from fewstep_rl.objectives import mean_kl, ppo_clip_loss, regime_advantages
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA
 from fewstep_rl.sampling import NoiseSource, Trajectory, Transition, recompute_log_prob, sample, transition_mean_std
 from fewstep_rl.sampling.noise import group_noise
@@ -150,25 +152,9 @@ class FlowGRPO(FewStepMethod):
         return self.chain
 
     # ------------------------------------------------------------------ pieces
-    def _gather(self, x: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
-    def advantages(self, reward: Tensor, group: Tensor) -> Tensor:
-        """GRPO advantages with per-group means and the global std over every rank (§1.5); ``regime: tilt``: raw
-        leave-one-out advantages in reward units."""
-        r_all, g_all = self._gather(reward.detach().float()), self._gather(group.to(self.device))
-        if self.cfg.regime == "tilt":
-            adv = loo_advantages(r_all, g_all)
-        else:
-            adv = group_advantages(r_all, g_all, std="global", clip=self.cfg.adv_clip)
-        if self._trainer is None or self.trainer.world_size == 1:
-            return adv
-        return adv.reshape(self.trainer.world_size, -1)[self.global_rank]
-
-    def rollout(self, prompts: list[str], conds: list[Any]) -> list[Trajectory]:
-        """Stochastic rollouts with Gaussian log-probs, one trajectory per optimisation chunk."""
+    def rollout(self, prompts: list[str], conds: list[Any], scores: RolloutScores | None = None) -> list[Trajectory]:
+        """Stochastic rollouts with Gaussian log-probs, one trajectory per optimisation chunk (each handed to
+        ``scores`` when done, so black-box rewards score it while the next chunk rolls out)."""
         cfg = self.cfg
         g = self.rng("rollout")
         sigmas = self.sampling_sigmas().to(self.device)
@@ -183,6 +169,8 @@ class FlowGRPO(FewStepMethod):
             with torch.no_grad():
                 trajs.append(sample(self.velocity_fn("generator", conds[c], cfg.guidance), x_T, sigmas, self.chain,
                                     noise_source=NoiseSource(g), log_prob_mode="gaussian"))
+            if scores is not None:
+                scores.add(trajs[-1].final, p)
         return trajs
 
     def trained_steps(self, traj: Trajectory) -> tuple[int, ...]:
@@ -216,13 +204,14 @@ class FlowGRPO(FewStepMethod):
         prompts = list(batch["prompts"])
         chunk = len(prompts) // cfg.opt_steps_per_epoch
         conds = [self.backbone.encode_prompts(prompts[c * chunk:(c + 1) * chunk]) for c in range(cfg.opt_steps_per_epoch)]
-        # 1. rollouts
-        trajs = self.rollout(prompts, conds)
-        x0 = torch.cat([tr.final for tr in trajs])
+        # 1. rollouts, each chunk submitted to the rewards when done
+        scores = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        trajs = self.rollout(prompts, conds, scores)
         # 2. rewards → GRPO advantages
-        with torch.no_grad():
-            reward = self.rewards.combine(self.rewards(self.backbone.decode(x0), prompts))
-        adv = self.advantages(reward, batch["group"])
+        reward = scores.combined()
+        # GRPO advantages, per-group means and the global std over every rank (§1.5); tilt: leave-one-out, raw
+        adv = over_ranks(self, lambda r, g: regime_advantages(r, g, cfg.regime, cfg.adv_clip),
+                         reward.detach().float(), batch["group"].to(self.device))
         metrics: dict[str, Any] = {"reward": reward.mean()}
         # 3. PPO + KL, one optimiser step per chunk
         opt = self.opt("generator")

@@ -57,10 +57,12 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.distributed import over_ranks
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import advantages_to_unit, group_advantages, loo_advantages
+from fewstep_rl.objectives import advantages_to_unit, regime_advantages
 from fewstep_rl.objectives.crd import velocity_kl
 from fewstep_rl.objectives.nft import nft_policy_loss
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Transition, forward_noise, sample
 from fewstep_rl.sampling.stratified import stratified_levels
@@ -145,22 +147,12 @@ class DiffusionNFT(FewStepMethod):
     def sampling_transition(self) -> Transition:
         return self.chain
 
-    def _gather(self, x: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
     def optimality(self, reward: Tensor, group: Tensor) -> Tensor:
         """``r̃ ∈ [0, 1]`` from GRPO advantages with the std over every rank (§1.5); ``regime: tilt``:
         ``½ + A/(2A_max)`` from raw leave-one-out advantages, unclipped (any real value)."""
         cfg = self.cfg
-        r_all, g_all = self._gather(reward.detach().float()), self._gather(group)
-        if cfg.regime == "tilt":
-            adv = loo_advantages(r_all, g_all)
-        else:
-            adv = group_advantages(r_all, g_all, std="global", clip=cfg.adv_clip)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            adv = adv.reshape(self.trainer.world_size, -1)[self.global_rank]
+        adv = over_ranks(self, lambda r, g: regime_advantages(r, g, cfg.regime, cfg.adv_clip), reward.detach().float(),
+                         group)
         if cfg.regime == "tilt":
             return 0.5 + adv / (2 * cfg.adv_clip)
         return advantages_to_unit(adv, cfg.adv_clip)
@@ -176,21 +168,13 @@ class DiffusionNFT(FewStepMethod):
         # 1. rollouts of the old snapshot
         g = self.rng("rollout")
         sigmas = self.sampling_sigmas().to(self.device)
-        with torch.no_grad():
-            x0 = torch.cat(
-                [
-                    sample(
-                        self.velocity_fn("old", conds[c]),
-                        self.randn(self.sample_shape(chunk), g),
-                        sigmas,
-                        self.chain,
-                        generator=g,
-                    ).final
-                    for c in range(n_chunks)
-                ]
-            )
-            # 2. rewards → optimality probabilities
-            reward = self.rewards.combine(self.rewards(self.backbone.decode(x0), prompts))
+        scores = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        with torch.no_grad():  # chunk c+1 rolls out while the black-box rewards score chunk c
+            x0 = scores.add_chunks((sample(self.velocity_fn("old", conds[c]), self.randn(self.sample_shape(chunk), g),
+                                           sigmas, self.chain, generator=g).final, prompts[c * chunk : (c + 1) * chunk])
+                                   for c in range(n_chunks))
+        # 2. rewards → optimality probabilities
+        reward = scores.combined()
         r_unit = self.optimality(reward, group)
         metrics: dict[str, Any] = {"reward": reward.mean()}
         # 3. NFT loss per micro-batch of whole groups, stratified levels shared by the batch and ranks

@@ -105,6 +105,7 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.distributed import over_ranks
 from fewstep_rl.init_from import load_roles
 from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import (
@@ -119,6 +120,7 @@ from fewstep_rl.objectives import (
 )
 from fewstep_rl.objectives.crd import center
 from fewstep_rl.objectives.kl_dmd import kl_dmd_loss
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, copy_role
 from fewstep_rl.sampling import (
     NoiseSource,
@@ -405,23 +407,15 @@ class RTDMD(FewStepMethod):
         return metrics
 
     # ------------------------------------------------------------------ stage 2
-    def _gather(self, x: Tensor) -> Tensor:
-        """Concatenate ``x`` over ranks (identity on one process)."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
     def advantages(self, scores: dict[str, Tensor], group: Tensor) -> Tensor:
         """Normalise-then-sum advantages with per-group means and the global std over every rank (§1.5)."""
-        names = list(scores)
-        full = {k: self._gather(scores[k].detach().float()) for k in names}
-        groups = self._gather(group.to(self.device))
-        adv = multi_reward_advantages(full, dict(zip(self.rewards.names, self.rewards.weights)), groups,
-                                      std="global", clip=self.cfg.adv_clip)
-        if self._trainer is None or self.trainer.world_size == 1:
-            return adv
-        n = group.shape[0]
-        return adv.reshape(self.trainer.world_size, n)[self.global_rank]
+        names, weights = list(scores), dict(zip(self.rewards.names, self.rewards.weights))
+
+        def batch_adv(*full: Tensor) -> Tensor:  # every rank's scores (one tensor per reward), then the group ids
+            return multi_reward_advantages(dict(zip(names, full[:-1])), weights, full[-1], std="global",
+                                           clip=self.cfg.adv_clip)
+
+        return over_ranks(self, batch_adv, *(scores[k].detach().float() for k in names), group.to(self.device))
 
     def ppo_ref_kl(self, trajs: list[Trajectory], conds: list[Any]) -> Tensor | None:
         """``KL(π_old(·|x_k) ‖ π_ref(·|x_k)) = Σ_d (μ_old − μ_ref)²/(2 s_k²)`` per stochastic step k and sample,
@@ -454,12 +448,11 @@ class RTDMD(FewStepMethod):
         if kl_steps is not None:  # KL-to-go: the steps after j
             after = kl_steps.flip(0).cumsum(0).flip(0) - kl_steps
             g = g - cfg.ppo_kl * after
-        full = self._gather(g.T.contiguous()).T  # (K−1, N) over every rank
-        groups = self._gather(group.to(self.device))
-        adv = torch.stack([center(row, groups, "group") for row in full]).clamp(-cfg.adv_clip, cfg.adv_clip)
-        if self._trainer is None or self.trainer.world_size == 1:
-            return adv
-        return adv.reshape(cfg.num_steps - 1, self.trainer.world_size, n)[:, self.global_rank]
+
+        def batch_adv(full: Tensor, groups: Tensor) -> Tensor:  # (N, K−1) over every rank → (N, K−1)
+            return torch.stack([center(row, groups, "group") for row in full.T]).clamp(-cfg.adv_clip, cfg.adv_clip).T
+
+        return over_ranks(self, batch_adv, g.T.contiguous(), group.to(self.device)).T
 
     def _epoch_tag(self, tag: str, e: int) -> str:
         """RNG tag of stage-2 sub-epoch ``e`` of this iteration (unchanged for the first: one epoch per iteration
@@ -471,9 +464,11 @@ class RTDMD(FewStepMethod):
         return self.iteration * self.cfg.stage2_epochs_per_batch + e
 
     def rollout_stage2(
-        self, prompts: list[str], cond_fn: Any, selected: tuple[int, ...], e: int = 0
+        self, prompts: list[str], cond_fn: Any, selected: tuple[int, ...], e: int = 0,
+        scores: RolloutScores | None = None,
     ) -> list[Trajectory]:
-        """CPS rollouts in micro-batch chunks with group-shared noise at the non-selected stochastic steps."""
+        """CPS rollouts in micro-batch chunks with group-shared noise at the non-selected stochastic steps; each chunk
+        is handed to ``scores`` when done (black-box rewards score it while the next chunk rolls out)."""
         cfg = self.cfg
         shared = [j for j in range(cfg.num_steps - 1) if j not in selected]
         g = self.rng(self._epoch_tag("rollout", e))
@@ -486,6 +481,8 @@ class RTDMD(FewStepMethod):
             with torch.no_grad():
                 trajs.append(sample(self.velocity_fn("generator", cond_fn(c)), self.randn(self.sample_shape(len(p)), g),
                                     sigmas, self.chain, noise_source=noise, log_prob_mode="cps_mse"))
+            if scores is not None:
+                scores.add(trajs[-1].final, p)
         return trajs
 
     def aux_loss(self, traj: Trajectory, cond: Any, prompts: list[str], tag: str) -> tuple[Tensor, dict[str, Tensor]]:
@@ -534,13 +531,13 @@ class RTDMD(FewStepMethod):
         # 1. SubGRPO step subset, identical on every rank
         selected = step_subset(range(cfg.num_steps - 1), cfg.subgrpo_steps,
                                self.rng(self._epoch_tag("subgrpo", e), per_rank=False))
-        # 2. rollouts
-        trajs = self.rollout_stage2(prompts, lambda c: conds[c], selected, e)
+        # 2. rollouts, each chunk submitted to the rewards when done
+        pending = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        trajs = self.rollout_stage2(prompts, lambda c: conds[c], selected, e, pending)
         x0 = torch.cat([tr.final for tr in trajs])
-        # 3. rewards → advantages
-        with torch.no_grad():
-            scores = self.rewards(self.backbone.decode(x0), prompts)
+        # 3. rewards → advantages (the reference KL needs no score: black-box scoring still runs meanwhile)
         kl_steps = self.ppo_ref_kl(trajs, conds)  # (K−1, n) true-scale KL of each stochastic step, or None
+        scores = pending.result()
         if cfg.ppo_advantage == "beta":
             adv_steps = self.beta_advantages(self.rewards.combine(scores), group, kl_steps)
             adv = adv_steps[0]

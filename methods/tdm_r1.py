@@ -112,17 +112,13 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.distributed import over_ranks
 from fewstep_rl.init_from import load_roles
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import (
-    ambient_renoise,
-    ambient_velocity_target,
-    direction_loss,
-    group_advantages,
-    loo_advantages,
-)
+from fewstep_rl.objectives import ambient_renoise, ambient_velocity_target, direction_loss, regime_advantages
 from fewstep_rl.objectives.dgpo import dgpo_loss, per_sample_mse, tilt_regression_loss
 from fewstep_rl.objectives.tdm import direction_weight, tdm_fake_loss
+from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Trajectory, Transition, sample, x0_from_v
 from fewstep_rl.sampling.noise import group_noise, stable_hash
@@ -270,24 +266,6 @@ class TDMR1(FewStepMethod):
             keys, step, self.iteration, tuple(like.shape[1:]), stable_hash(self.seed, tag), like.dtype, like.device
         )
 
-    # ------------------------------------------------------------------ feedback
-    def _gather(self, x: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
-    def advantages(self, reward: Tensor, group: Tensor) -> Tensor:
-        """GRPO advantages: per-group mean, global std over every rank, clipped (§1.5, §4.4); ``regime: tilt``: raw
-        leave-one-out advantages in reward units."""
-        r_all, g_all = self._gather(reward.detach().float()), self._gather(group.to(self.device))
-        if self.cfg.regime == "tilt":
-            adv = loo_advantages(r_all, g_all)
-        else:
-            adv = group_advantages(r_all, g_all, std="global", clip=self.cfg.adv_clip)
-        if self._trainer is None or self.trainer.world_size == 1:
-            return adv
-        return adv.reshape(self.trainer.world_size, -1)[self.global_rank]
-
     # ------------------------------------------------------------------ losses
     def fake_loss(
         self, x0: Tensor, x_next: Tensor, s_next: Tensor, cond: Any, tag: str, tau: Tensor | None = None
@@ -431,21 +409,20 @@ class TDMR1(FewStepMethod):
         return total / draws
 
     # ------------------------------------------------------------------ the recipe
-    def rollout(self, prompts: list[str], conds: list[Any]) -> list[Trajectory]:
-        """Deterministic K-step Euler rollouts of the generator, one trajectory per micro-batch (no grad)."""
+    def rollout(self, prompts: list[str], conds: list[Any], scores: RolloutScores | None = None) -> list[Trajectory]:
+        """Deterministic K-step Euler rollouts of the generator, one trajectory per micro-batch (no grad), each
+        handed to ``scores`` when done (black-box rewards score it while the next micro-batch rolls out)."""
         g = self.rng("rollout")
         sigmas = self.sampling_sigmas().to(self.device)
         chunk = len(prompts) // self.cfg.micro_batches
+        trajs = []
         with torch.no_grad():
-            return [
-                sample(
-                    self.velocity_fn("generator", conds[c]),
-                    self.randn(self.sample_shape(chunk), g),
-                    sigmas,
-                    Transition("euler"),
-                )
-                for c in range(self.cfg.micro_batches)
-            ]
+            for c in range(self.cfg.micro_batches):
+                trajs.append(sample(self.velocity_fn("generator", conds[c]), self.randn(self.sample_shape(chunk), g),
+                                    sigmas, Transition("euler")))
+                if scores is not None:
+                    scores.add(trajs[-1].final, prompts[c * chunk : (c + 1) * chunk])
+        return trajs
 
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -454,13 +431,14 @@ class TDMR1(FewStepMethod):
         group = batch["group"].to(self.device)
         chunk = len(prompts) // cfg.micro_batches
         conds = [self.backbone.encode_prompts(prompts[c * chunk : (c + 1) * chunk]) for c in range(cfg.micro_batches)]
-        # 1. rollouts
-        trajs = self.rollout(prompts, conds)
+        # 1. rollouts, each micro-batch submitted to the rewards when done
+        scores = RolloutScores(self.rewards, self.backbone.decode, self.reward_overlap)
+        trajs = self.rollout(prompts, conds, scores)
         # 2. rewards → advantages (black box: no gradient ever leaves the reward)
-        with torch.no_grad():
-            x0_all = torch.cat([tr.final for tr in trajs])
-            reward = self.rewards.combine(self.rewards(self.backbone.decode(x0_all), prompts))
-        adv = self.advantages(reward, group)
+        reward = scores.combined()
+        # GRPO advantages: per-group mean, global std over every rank, clipped (§1.5, §4.4); tilt: leave-one-out, raw
+        adv = over_ranks(self, lambda r, g: regime_advantages(r, g, cfg.regime, cfg.adv_clip), reward.detach().float(),
+                         group)
         metrics: dict[str, Any] = {"reward": reward.mean(), "adv_abs": adv.abs().mean()}
         # 3. fake → surrogate → generator per trained step, accumulated over micro-batches × steps
         for role in self.trainable_roles:

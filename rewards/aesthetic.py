@@ -16,13 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fewstep_rl.config import knob
 from fewstep_rl.rewards._deps import require
-from fewstep_rl.rewards.base import Reward
+from fewstep_rl.rewards.base import Reward, load_weights, read_checkpoint
 from fewstep_rl.rewards.clip import clip_preprocess
 from fewstep_rl.rewards.imagereward import reward_head
 
@@ -70,17 +69,14 @@ class Aesthetic(Reward):
         except (OSError, ValueError) as e:
             raise ValueError(f"reward {self.name!r}: cannot load a CLIP vision model from {str(path)!r}: {e}") from None
         try:
-            sd = torch.load(head, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch.load raises many types on a bad file
-            raise ValueError(f"reward {self.name!r}: cannot read {str(head)!r}: {type(e).__name__}: {e}") from None
+            sd = read_checkpoint(head)
+        except ValueError as e:
+            raise ValueError(f"reward {self.name!r}: {e}") from None
         sd = {k.removeprefix("layers."): v.float() for k, v in sd.items()} if isinstance(sd, dict) else {}
         if "0.weight" not in sd:
             raise ValueError(f"reward {self.name!r}: {str(head)!r} is not an aesthetic MLP (no 'layers.0.weight')")
         self.mlp = reward_head(sd["0.weight"].shape[1])
-        try:
-            self.mlp.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"reward {self.name!r}: {str(head)!r} does not fit the aesthetic MLP: {e}") from None
+        load_weights(self.mlp, sd, self.name, head, "the aesthetic MLP", rebuilt=())
         if sd["0.weight"].shape[1] != self.clip.config.projection_dim:
             raise ValueError(f"reward {self.name!r}: head expects {sd['0.weight'].shape[1]}-d embeddings, the CLIP "
                              f"model gives {self.clip.config.projection_dim}")

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from fewstep_rl.config import knob
 from fewstep_rl.rewards._deps import require
-from fewstep_rl.rewards.base import Reward
+from fewstep_rl.rewards.base import Reward, load_weights, read_checkpoint
 from fewstep_rl.rewards.clip import clip_preprocess
 
 _BLOCK = {
@@ -167,10 +167,7 @@ def read_openclip_checkpoint(path: Path) -> dict[str, Tensor]:
     """``{'state_dict': {'module.' + key: tensor}}`` (HPS) or a bare state dict → fp32 open_clip keys."""
     if not path.is_file():
         raise ValueError(f"no checkpoint file at {str(path)!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types on a bad file
-        raise ValueError(f"cannot read {str(path)!r} as a torch checkpoint: {type(e).__name__}: {e}") from None
+    ckpt = read_checkpoint(path)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or "visual.conv1.weight" not in {k.removeprefix("module.") for k in sd}:
         raise ValueError(f"{str(path)!r} is not an open_clip CLIP state dict (no 'visual.conv1.weight')")
@@ -268,11 +265,7 @@ class HPSv2(Reward):
             raise ValueError(f"reward {self.name!r}: cannot build the CLIP model of {self.cfg.path!r}: {e}") from None
         except Exception as e:  # noqa: BLE001 - transformers' strict config validation has its own error type
             raise ValueError(f"reward {self.name!r}: bad architecture for {self.cfg.path!r}: {e}") from None
-        missing, unexpected = self.model.load_state_dict(openclip_to_hf_clip(sd), strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise ValueError(f"reward {self.name!r}: checkpoint does not match: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        load_weights(self.model, openclip_to_hf_clip(sd), self.name, self.cfg.path, "the CLIP model")
         self.model.eval().requires_grad_(False)
         if self.cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fewstep_rl.config import knob
 from fewstep_rl.rewards._deps import require
-from fewstep_rl.rewards.base import Reward
+from fewstep_rl.rewards.base import Reward, load_weights, read_checkpoint
 from fewstep_rl.rewards.clip import clip_preprocess
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -181,9 +181,9 @@ class ImageReward(Reward):
             if not f.is_file():
                 raise ValueError(f"reward {self.name!r}: no {what} at {str(f)!r}")
         try:
-            sd = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch.load raises many types on a bad file
-            raise ValueError(f"reward {self.name!r}: cannot read {str(ckpt)!r}: {type(e).__name__}: {e}") from None
+            sd = read_checkpoint(ckpt)
+        except ValueError as e:
+            raise ValueError(f"reward {self.name!r}: {e}") from None
         if not isinstance(sd, dict) or "blip.visual_encoder.patch_embed.proj.weight" not in sd:
             raise ValueError(f"reward {self.name!r}: {str(ckpt)!r} is not an ImageReward state dict")
         try:
@@ -195,11 +195,7 @@ class ImageReward(Reward):
             self.model = ImageRewardModel(vision_cfg, text_cfg)
         except Exception as e:  # noqa: BLE001 - transformers' strict config validation has its own error type
             raise ValueError(f"reward {self.name!r}: bad architecture for {str(ckpt)!r}: {e}") from None
-        missing, unexpected = self.model.load_state_dict(convert_imagereward_state_dict(sd), strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise ValueError(f"reward {self.name!r}: checkpoint does not match: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        load_weights(self.model, convert_imagereward_state_dict(sd), self.name, ckpt, "ImageReward")
         self.model.eval().requires_grad_(False)
         self.tokenizer = blip_tokenizer(vocab)
         self.image_size = int(vision_cfg.image_size)

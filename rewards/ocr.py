@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from fewstep_rl.config import knob
 from fewstep_rl.rewards._deps import require
-from fewstep_rl.rewards.base import Reward
+from fewstep_rl.rewards.base import Reward, load_weights, read_checkpoint
 
 # EasyOCR config.py, model 'english_g2': the alphabet (index i + 1; 0 is the CTC blank) and the weights' md5.
 EASYOCR_EN_CHARACTERS = "0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ €ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -195,12 +195,12 @@ def load_easyocr_recognizer(path: Path) -> EasyOCRRecognizer:
     """EasyOCR recogniser with the weights at ``path`` (a ``{name: tensor}`` state dict, ``module.`` prefix allowed)."""
     if not path.is_file():
         raise ValueError(f"reward 'ocr_ctc': no recogniser weights at {str(path)!r}")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = read_checkpoint(path)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()} if isinstance(sd, dict) else {}
     if "Prediction.weight" not in sd:
         raise ValueError(f"reward 'ocr_ctc': {str(path)!r} is not an EasyOCR generation2 recogniser state dict")
     model = EasyOCRRecognizer(num_class=sd["Prediction.weight"].shape[0])
-    model.load_state_dict(sd, strict=True)
+    load_weights(model, sd, "ocr_ctc", path, "the EasyOCR recogniser", rebuilt=())
     return model.eval().requires_grad_(False)
 
 

@@ -26,6 +26,7 @@ from fewstep_rl.objectives import (
     multi_reward_advantages,
     nonzero_mask,
     ppo_clip_loss,
+    regime_advantages,
     reward_hinge,
 )
 
@@ -268,6 +269,43 @@ def test_multi_reward_normalise_then_sum_hand():
         multi_reward_advantages({"r1": r1}, {"r2": 1.0}, ids)
     with pytest.raises(ValueError):
         multi_reward_advantages({"r1": r1}, [1.0, 2.0], ids)
+
+
+def test_regime_advantages_paper_and_tilt():
+    """paper = group_advantages(global std, clip); tilt: leave-one-out r = [1, 2, 3 | 4, 4, 7]: 1 − 2.5 = −1.5,
+    2 − 2 = 0, 3 − 1.5 = 1.5 | 4 − 5.5 = −1.5, −1.5, 7 − 4 = 3 (unclipped, reward units)."""
+    r, ids = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 7.0]), torch.tensor([0, 0, 0, 1, 1, 1])
+    assert torch.equal(regime_advantages(r, ids, "paper", 0.5), group_advantages(r, ids, std="global", clip=0.5))
+    assert torch.equal(regime_advantages(r, ids, "tilt", 0.5), torch.tensor([-1.5, 0.0, 1.5, -1.5, -1.5, 3.0]))
+    with pytest.raises(ValueError, match="regime"):
+        regime_advantages(r, ids, "beta", 1.0)  # type: ignore[arg-type]
+
+
+class _Ranks:
+    """Two data-parallel ranks seen from rank 1: ``all_gather`` stacks rank 0's ``other`` and this rank's tensor."""
+
+    def __init__(self, others):
+        self._trainer = type("T", (), {"world_size": 2})()
+        self.global_rank, self.others = 1, list(others)
+
+    def all_gather(self, x):
+        return torch.stack([self.others.pop(0), x])
+
+
+def test_over_ranks_applies_the_batch_function_and_keeps_this_ranks_rows():
+    """Rank 0 holds rewards [1, 2] (group 0), rank 1 [3, 10] (groups 0, 1): the group-0 mean 2 uses every rank."""
+    from fewstep_rl.distributed import gather_rows, over_ranks
+
+    m = _Ranks([torch.tensor([1.0, 2.0]), torch.tensor([0, 0])])
+    centred = over_ranks(m, lambda r, g: r - torch.stack([r[g == k].mean() for k in g]), torch.tensor([3.0, 10.0]),
+                         torch.tensor([0, 1]))
+    assert torch.equal(centred, torch.tensor([1.0, 0.0]))
+    m = _Ranks([torch.zeros(2, 3)])  # per-sample rows of any width (RTDMD's per-step advantages)
+    assert torch.equal(over_ranks(m, lambda x: x + 1, torch.ones(2, 3)), torch.full((2, 3), 2.0))
+    assert torch.equal(gather_rows(_Ranks([torch.zeros(2, 3)]), torch.ones(2, 3)), torch.cat([torch.zeros(2, 3),
+                                                                                                torch.ones(2, 3)]))
+    single = type("M", (), {"_trainer": None})()
+    assert torch.equal(over_ranks(single, lambda x: 2 * x, torch.ones(3)), torch.full((3,), 2.0))
 
 
 def test_advantages_to_unit_and_nonzero_mask():

@@ -280,7 +280,7 @@ def _source(opts: dict, over: dict) -> tuple[Any, Any, Any, Any]:
         raise UsageError("give --ckpt FILE (a fewstep-rl checkpoint) or --teacher")
     method = load_checkpoint(opts["ckpt"])
     guidance = _num(opts, "guidance", float, 1.0)
-    return method.world, method.rewards, method, lambda prompts: method.generate(
+    return method.world, method.eval_rewards, method, lambda prompts: method.generate(
         prompts, g, steps=steps, role=opts.get("role"), guidance=guidance
     )
 

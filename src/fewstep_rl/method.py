@@ -43,6 +43,10 @@ class FewStepMethod(L.LightningModule):
         trainable_roles: roles with an optimiser, in optimiser order.
         snapshot_roles: ``{snapshot: source}`` parameter copies (EMA, old, sampler).
         reward_driven: the method optimises rewards and needs ``beta`` and at least one reward.
+
+    Rewards: ``self.rewards`` holds the rewards with a nonzero weight, the only ones training computes;
+    ``self.eval_rewards`` holds every configured reward (weight-0 rewards are evaluation-only: evaluation scores and
+    logs each of them, training never calls them).
     """
 
     name: ClassVar[str] = "method"
@@ -56,17 +60,21 @@ class FewStepMethod(L.LightningModule):
     def __init__(self, cfg: Any, world: Any, rewards: Any = None, seed: int = 0, run_config: dict | None = None):
         super().__init__()
         self.automatic_optimization = False
-        self.cfg, self.world, self.rewards, self.seed = cfg, world, rewards, seed
+        self.cfg, self.world, self.seed = cfg, world, seed
+        self.eval_rewards = rewards
+        self.rewards = rewards.weighted() if rewards is not None else None
         self.run_config = run_config or {}
         self.backbone: Any = None
         self.iteration = 0
         self.stream_pos = 0
         self.max_iterations: int | None = None  # set from trainer.max_steps by run.assemble
+        self.reward_overlap = True  # set from trainer.reward_overlap by run.assemble (rewards.RolloutScores)
         self.updates: dict[str, int] = dict.fromkeys(self.trainable_roles, 0)
-        if self.rewards is not None:
-            self.rewards.requires_grad_(False)
+        if self.eval_rewards is not None:
+            self.eval_rewards.requires_grad_(False)
         if self.reward_driven and (self.rewards is None or len(self.rewards) == 0):
-            raise ValueError(f"method {self.name!r} needs at least one reward")
+            raise ValueError(f"method {self.name!r} needs at least one reward with a nonzero weight (weight-0 rewards "
+                             "are evaluation-only)")
         if not self.reward_driven and getattr(cfg, "beta", None) is not None:
             self.note(f"method {self.name!r} is distillation-only: method.beta={cfg.beta} is ignored by training "
                       "(evaluation still reports the β-tilted reference)")
@@ -214,7 +222,7 @@ class FewStepMethod(L.LightningModule):
         keep = {}
         for k, v in sd.items():
             rel = k[len(prefix):]
-            if rel.startswith("rewards."):
+            if rel.startswith(("rewards.", "eval_rewards.")):
                 continue
             if rel.startswith("backbone.") and not self.backbone.is_role_key(rel[len("backbone."):]):
                 continue

@@ -59,6 +59,8 @@ class TrainerConfig:
     nonfinite_limit: int = knob(3, "abort after N iterations in a row with a non-finite loss or gradient (0: never)")
     num_threads: int | None = knob(None, "torch intra-op threads (default: torch's choice; DDP uses 1 per rank)")
     progress_bar: bool = knob(True, "show a progress bar")
+    reward_overlap: bool = knob(
+        True, "score black-box rewards in a background thread while the rest of the rollout runs (same results)")
     logger: Literal["csv", "tensorboard", "wandb"] = knob(
         "csv", "metrics logger: csv (metrics.csv), tensorboard or wandb (offline; both keep metrics.csv too)")
 
@@ -484,6 +486,7 @@ def assemble(resolved: Resolved, run_dir: Path, callbacks: list, run_callback: b
     tc = resolved.trainer
     method = build_method(resolved)
     method.max_iterations = tc.max_steps
+    method.reward_overlap = tc.reward_overlap
     dm = PromptDataModule(method.world.train_prompts, *method.batch_spec(), seed=tc.seed)
     if run_callback:
         callbacks = [RunCallback(Path(run_dir), tc.eval_every, tc.eval_samples, tc.ckpt_every, tc.seed, tc.max_steps),

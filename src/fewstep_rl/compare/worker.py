@@ -90,8 +90,8 @@ def final_samples(method: Any, judges: Any, prompts: list[str], seed: int) -> di
     method.eval()
     x = paired_samples(lambda p, g, s: method.generate(p, g, steps=s), prompts, seed, device=method.device)
     out: dict[str, Any] = {"samples": x.float().cpu(), "prompts": prompts, "train": {}, "judge": {}}
-    if method.rewards is not None and len(method.rewards):
-        out["train"] = score_per_sample(method.rewards, method.world, x, prompts)
+    if method.eval_rewards is not None and len(method.eval_rewards):  # every configured reward, as the report's teacher
+        out["train"] = score_per_sample(method.eval_rewards, method.world, x, prompts)
     if judges is not None and len(judges):
         out["judge"] = score_per_sample(judges.to(method.device), method.world, x, prompts)
     return out

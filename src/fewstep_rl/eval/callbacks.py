@@ -23,7 +23,7 @@ def evaluate_method(method: Any, n: int, seed: int, steps: int | None = None) ->
     samples = method.generate(prompts, g, steps=steps)
     method.train(was_training)
     beta = getattr(method.cfg, "beta", None)
-    metrics = score_samples(method.world, method.rewards, samples, prompts, beta=beta, generator=g)
+    metrics = score_samples(method.world, method.eval_rewards, samples, prompts, beta=beta, generator=g)
     return metrics, samples, prompts
 
 

@@ -80,7 +80,7 @@ def cmd_paired(argv: list[str]) -> int:
         if world is not None and method.world.name != world.name:
             raise UsageError(f"{path} is a {method.world.name!r} run, the first checkpoint a {world.name!r} run")
         world = world or method.world
-        rewards = rewards or method.rewards
+        rewards = rewards or method.eval_rewards
         methods.append((path, method))
     if opts.get("teacher"):
         from fewstep_rl.eval.generate import generate

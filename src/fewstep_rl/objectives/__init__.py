@@ -9,6 +9,7 @@ from fewstep_rl.objectives.advantages import (
     loo_advantages,
     multi_reward_advantages,
     nonzero_mask,
+    regime_advantages,
 )
 from fewstep_rl.objectives.ambient import (
     ambient_coeffs,
@@ -45,5 +46,6 @@ __all__ = [
     "multi_reward_advantages",
     "nonzero_mask",
     "ppo_clip_loss",
+    "regime_advantages",
     "reward_hinge",
 ]

@@ -9,7 +9,8 @@
   sample i, so ``E[A_i ∇log p(x_i)] = ∇E[r]`` exactly (the group mean including ``r_i`` would shrink the reward
   by (K−1)/K, i.e. train at the temperature β·K/(K−1)).
 
-Callers gather rewards and group ids from all ranks first; these functions are local.
+Callers gather rewards and group ids from all ranks first (:func:`fewstep_rl.distributed.over_ranks`); these
+functions are local.
 
 Deviations:
 
@@ -153,6 +154,32 @@ def loo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
         raise ValueError("leave-one-out advantages need at least two samples per group")
     total = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, inv, r)
     return r - (total[inv] - r) / (count[inv] - 1)
+
+
+def regime_advantages(
+    rewards: Tensor, group_ids: Tensor, regime: Literal["paper", "tilt"], clip: float | None = 5.0
+) -> Tensor:
+    """The advantages of a method's regime: ``paper`` — GRPO advantages with the global std, clipped to ``±clip``
+    (:func:`group_advantages`); ``tilt`` — raw leave-one-out advantages in reward units, no std, no clip
+    (:func:`loo_advantages`; module docstring).
+
+    Args:
+        rewards: Rewards ``(B,)`` of the whole batch (every rank).
+        group_ids: Integer group id per sample ``(B,)``.
+        regime: ``paper`` or ``tilt``.
+        clip: Clip of the ``paper`` advantages; None disables.
+
+    Returns:
+        Advantages ``(B,)``.
+
+    Raises:
+        ValueError: On an unknown regime (and as the two functions do).
+    """
+    if regime == "tilt":
+        return loo_advantages(rewards, group_ids)
+    if regime != "paper":
+        raise ValueError(f"regime must be 'paper' or 'tilt', got {regime!r}")
+    return group_advantages(rewards, group_ids, std="global", clip=clip)
 
 
 def advantages_to_unit(adv: Tensor, a_max: float = 5.0) -> Tensor:
