@@ -93,3 +93,45 @@ def _sd3_load_native(d: Path, roles: RolesConfig | None) -> Any:
     from fewstep_rl.backbones.sd3 import SD3Backbone
 
     return SD3Backbone.from_pretrained(d, roles=roles)
+
+
+# -------------------------------------------------------------------- zimage, qwen_image (Qwen-text families)
+def _zimage_prepare(workdir: Path) -> Path:
+    """A tiny random ``ZImagePipeline`` (Qwen3 text encoder with a chat template, 16-channel VAE) saved to disk."""
+    from diffusers import ZImagePipeline
+
+    from fewstep_rl.backbones import tiny_qwen
+
+    d = workdir / "zimage"
+    ZImagePipeline(**tiny_qwen.zimage_pipeline_components()).save_pretrained(d)
+    return d
+
+
+def _zimage_load(d: Path, roles: RolesConfig | None) -> Any:
+    from fewstep_rl.backbones.zimage import ZImageBackbone
+
+    return ZImageBackbone.from_pretrained(d, roles=roles, resolution=8)
+
+
+def _zimage_pipeline(d: Path, prompts: Sequence[str], noise: Tensor, sigmas: Tensor, guidance: float) -> tuple[
+        Tensor, Tensor]:
+    """``ZImagePipeline`` on our noise and σ grid (shift 1); its ``guidance_scale`` g is our ``ω − 1``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(d, local_files_only=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    side = noise.shape[-1] * pipe.vae_scale_factor
+    kw = dict(guidance_scale=guidance - 1, sigmas=sigmas[:-1].tolist(), height=side, width=side)
+    # (a fresh prompt list per call: ZImagePipeline._encode_prompt writes the chat-templated prompts into it)
+    latents = pipe(list(prompts), latents=noise.clone(), output_type="latent", **kw).images
+    assert torch.equal(pipe.scheduler.sigmas, sigmas.to(pipe.scheduler.sigmas))
+    return latents, pipe(list(prompts), latents=noise.clone(), output_type="pt", **kw).images
+
+
+CASES["zimage"] = BackboneCase(
+    name="zimage", prepare=_zimage_prepare, load=_zimage_load, prompts=SD3_PROMPTS, pipeline=_zimage_pipeline,
+    world="zimage", world_args=lambda d, p: ["--world.path", str(d), "--world.prompts", str(p), "--world.resolution",
+                                             "8", "--roles.rank", "2"],
+    rewards="fewstep_rl.perf.bench_reward:MeanPixelReward", save=lambda bb, d: bb.save_pretrained(d),
+)
