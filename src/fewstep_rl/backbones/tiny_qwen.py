@@ -22,9 +22,10 @@ WORDS = ("a red green blue cube cone ball balls two three circle square triangle
          "and background , : .").split()
 
 
-def qwen_tokenizer(vocab_extra: int = 0) -> Any:
-    """A word-level ``PreTrainedTokenizerFast`` with ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>`` (pad) and
-    :data:`CHAT_TEMPLATE`; ids below 64."""
+def qwen_tokenizer() -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` with ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>`` (pad), a
+    newline token and :data:`CHAT_TEMPLATE`; ids below 64. Qwen-Image's template prefix is 34 tokens, as with the
+    real tokenizer."""
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -38,6 +39,7 @@ def qwen_tokenizer(vocab_extra: int = 0) -> Any:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token="<unk>", additional_special_tokens=special[1:3] + special[4:],
                                    model_max_length=2048)
+    fast.add_tokens(["\n"])  # a newline is a token (as in Qwen's BPE): Qwen-Image's template prefix is 34 tokens
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -81,9 +83,10 @@ def qwen_image_pipeline_components(seed: int = 0) -> dict[str, Any]:
     cfg = Qwen2_5_VLConfig(
         text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "vocab_size": 64, "rope_theta": 1000000.0,
+                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
                      "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-        hidden_size=16, vocab_size=64, vision_start_token_id=60, vision_end_token_id=61, vision_token_id=62,
+        hidden_size=16, vocab_size=64, bos_token_id=1, eos_token_id=2, vision_start_token_id=60, vision_end_token_id=61, vision_token_id=62,
         image_token_id=63, video_token_id=59)
     te = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     sched = FlowMatchEulerDiscreteScheduler(

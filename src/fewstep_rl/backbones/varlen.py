@@ -76,4 +76,5 @@ def clean_base(transformer: nn.Module, store: object) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         base = type(transformer).from_config(transformer.config)
     base.load_state_dict(store.base_state_dict(), strict=True)  # type: ignore[attr-defined]
-    return base.to(dtype_of(transformer)).eval()
+    dt = dtype_of(transformer)
+    return (base if dtype_of(base) == dt else base.to(dt)).eval()
