@@ -34,7 +34,6 @@ text attention projections, as SD3's MMDiT).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 
 from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.loading import dtype_of, load_model, load_tokenizer
-from fewstep_rl.backbones.varlen import PromptRows, cat_padded, clean_base, pad_rows
+from fewstep_rl.backbones.varlen import PromptRows, cat_padded, clean_base, equivalent_shift, pad_rows, scheduler_sigmas
 from fewstep_rl.roles import RolesConfig, build_store
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -101,8 +100,7 @@ class QwenImageBackbone(Backbone):
         if side % 2:
             raise BackboneLoadError(f"qwen_image latent side must be even (2×2 packing), got {side}")
         self.sample_shape = (int(vae.config.z_dim), side, side)
-        self.default_shift = math.exp(self._mu()) if self._dynamic() else (
-            float(scheduler.config.shift) if scheduler is not None else None)
+        self.default_shift = equivalent_shift(scheduler, self._tokens())
         self.max_sequence_length = int(max_sequence_length)
         self.guidance_null_prompt = guidance_null_prompt
         self._rows = PromptRows(self._encode, prompt_cache_size)
@@ -152,27 +150,15 @@ class QwenImageBackbone(Backbone):
         return super()._apply(fn, recurse)
 
     # ---------------------------------------------------------------- schedule
-    def _dynamic(self) -> bool:
-        return self.scheduler is not None and bool(self.scheduler.config.use_dynamic_shifting)
-
-    def _mu(self) -> float:
-        """``calculate_shift`` of the pipeline for this resolution's image token count."""
-        c, n = self.scheduler.config, (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
-        m = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (c.get("max_image_seq_len", 4096)
-                                                                     - c.get("base_image_seq_len", 256))
-        return n * m + c.get("base_shift", 0.5) - m * c.get("base_image_seq_len", 256)
-
     def pipeline_sigmas(self, num_steps: int) -> Tensor:
-        """The pipeline's σ grid for ``num_steps`` (``linspace(1, 1/k, k)`` through the directory's scheduler with
-        this resolution's ``μ``), final 0 included: ``(num_steps + 1,)``."""
-        import copy
-
+        """The pipeline's σ grid for ``num_steps`` at this resolution (``np.linspace(1, 1/k, k)`` through the
+        directory's scheduler with dynamic shift), final 0 included: ``(num_steps + 1,)``."""
         import numpy as np
 
-        sched = copy.deepcopy(self.scheduler)
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=self._mu() if self._dynamic()
-                            else None)
-        return sched.sigmas.float()
+        return scheduler_sigmas(self.scheduler, np.linspace(1.0, 1 / num_steps, num_steps), self._tokens())
+
+    def _tokens(self) -> int:
+        return (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
 
     # ---------------------------------------------------------------- conditioning
     @torch.no_grad()

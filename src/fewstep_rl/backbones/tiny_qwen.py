@@ -17,9 +17,10 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
-WORDS = ("a red green blue cube cone ball balls two three circle square triangle above below system user assistant "
+_TEXT = ("a red green blue cube cone ball balls two three circle square triangle above below system user assistant "
          "describe the image by detailing color shape size texture quantity text spatial relationships of objects "
-         "and background , : .").split()
+         "and background , : .")
+WORDS = tuple(_TEXT.split(" "))
 
 
 def qwen_tokenizer() -> Any:

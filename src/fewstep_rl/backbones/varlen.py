@@ -4,13 +4,17 @@ Their pipelines keep only the prompt's own tokens (the text encoder's attention 
 chat-template prefix dropped); rows of different lengths are padded with zeros and a mask. Here:
 :class:`PromptRows` (an LRU cache of per-prompt rows ``(L_i, D)``), :func:`pad_rows` (rows → ``{"seq": (B, L, D),
 "mask": (B, L) bool}``, ``L`` the longest row), :func:`cat_padded` (the batch concatenation CFG needs, padding the
-shorter conditioning) and :func:`clean_base` (the base transformer without role layers, for ``save_pretrained``).
+shorter conditioning), :func:`clean_base` (the base transformer without role layers, for ``save_pretrained``) and
+:func:`scheduler_sigmas` (a pipeline's σ grid through its scheduler, dynamic shift included).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -78,3 +82,32 @@ def clean_base(transformer: nn.Module, store: object) -> nn.Module:
     base.load_state_dict(store.base_state_dict(), strict=True)  # type: ignore[attr-defined]
     dt = dtype_of(transformer)
     return (base if dtype_of(base) == dt else base.to(dt)).eval()
+
+
+def calculate_mu(config: Any, image_seq_len: int) -> float:
+    """The pipelines' ``calculate_shift``: ``μ`` linear in the image token count (scheduler config keys)."""
+    c = config
+    base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    m = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (max_len - base_len)
+    return image_seq_len * m + c.get("base_shift", 0.5) - m * base_len
+
+
+def scheduler_sigmas(scheduler: Any, sigmas: Sequence[float], image_seq_len: int) -> Tensor:
+    """σ grid (final 0 included) a pipeline steps through: ``sigmas`` given to (a copy of) ``scheduler`` with the
+    ``μ`` of ``image_seq_len`` (used when the scheduler shifts dynamically), as ``retrieve_timesteps`` does."""
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(sigmas=list(sigmas), mu=calculate_mu(sched.config, image_seq_len))
+    return sched.sigmas.float()
+
+
+def equivalent_shift(scheduler: Any, image_seq_len: int) -> float | None:
+    """The static shift γ of ``σ' = γσ/(1 + (γ−1)σ)`` the scheduler applies at this token count: ``shift``, or
+    ``e^μ`` under exponential dynamic shifting (``shift_terminal`` stretching is not a shift and is left out)."""
+    if scheduler is None:
+        return None
+    c = scheduler.config
+    if not c.get("use_dynamic_shifting", False):
+        return float(c.get("shift", 1.0))
+    if c.get("time_shift_type", "exponential") != "exponential":
+        return None
+    return math.exp(calculate_mu(c, image_seq_len))

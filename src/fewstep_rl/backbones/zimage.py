@@ -19,7 +19,8 @@ second-to-last hidden state of the text encoder, kept only where the attention m
 prompt; rows cached per prompt string, padded with a mask in a batch, the padding dropped again before the call).
 
 Space: scaled latents ``z = (E(img) − shift)·scale`` (16 channels); ``decode(z) = (D(z/scale + shift)/2 + 0.5)
-.clamp(0, 1)``. The schedule's static ``shift`` (Turbo: 3) is read from ``scheduler/`` as ``default_shift``.
+.clamp(0, 1)``. Schedule: the scheduler's static ``shift`` (Turbo: 3) is ``default_shift``;
+:meth:`ZImageBackbone.pipeline_sigmas` gives the pipeline's exact default grid.
 Roles: :func:`fewstep_rl.roles.build_store` over the transformer, LoRA on :data:`DEFAULT_LORA_TARGETS` (the
 single-stream attention projections, as TDM-R1's Z-Image LoRA).
 """
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.loading import dtype_of, load_model, load_tokenizer, read_shift
-from fewstep_rl.backbones.varlen import PromptRows, cat_padded, clean_base, pad_rows
+from fewstep_rl.backbones.varlen import PromptRows, cat_padded, clean_base, equivalent_shift, pad_rows, scheduler_sigmas
 from fewstep_rl.roles import RolesConfig, build_store
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -74,11 +75,11 @@ class ZImageBackbone(Backbone):
         for m in (transformer, text_encoder, vae):
             m.requires_grad_(False).eval()
         self.scheduler = scheduler
-        self.default_shift = float(scheduler.config.shift) if scheduler is not None else None
         side = int(resolution or 128)
         if side % 2:
             raise BackboneLoadError(f"zimage latent side must be even (2×2 patches), got {side}")
         self.sample_shape = (int(cfg.in_channels), side, side)
+        self.default_shift = equivalent_shift(scheduler, self._tokens())
         self.max_sequence_length = int(max_sequence_length)
         self.guidance_null_prompt = guidance_null_prompt
         self._rows = PromptRows(self._encode, prompt_cache_size)
@@ -121,6 +122,15 @@ class ZImageBackbone(Backbone):
         self._rows.clear()
         self._null = None
         return super()._apply(fn, recurse)
+
+    # ---------------------------------------------------------------- schedule
+    def pipeline_sigmas(self, num_steps: int) -> Tensor:
+        """The pipeline's default σ grid for ``num_steps`` (``get_default_z_image_sigmas`` through the directory's
+        scheduler, ``μ`` of this resolution), final 0 included: ``(num_steps + 1,)``."""
+        return scheduler_sigmas(self.scheduler, torch.linspace(1.0, 1 / num_steps, num_steps).tolist(), self._tokens())
+
+    def _tokens(self) -> int:
+        return (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
 
     # ---------------------------------------------------------------- conditioning
     @torch.no_grad()
