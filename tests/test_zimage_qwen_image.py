@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from fewstep_rl.backbones.base import BackboneLoadError
+from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.varlen import scheduler_sigmas
 from fewstep_rl.cli import main
 from fewstep_rl.run import preset_path, resolve
@@ -49,6 +49,31 @@ def test_pipeline_sigmas_are_the_pipelines_default_grid(dirs, name):
         assert torch.allclose(ours, sigma_grid(3, shift=3.0), atol=1e-6)
     else:  # dynamic shift, stretched so the last non-zero σ is shift_terminal
         assert abs(float(ours[-2]) - 0.02) < 1e-6 and bb.default_shift > 1.0
+
+
+@torch.no_grad()
+def test_qwen_cfg_renorm_is_the_pipelines_true_cfg(dirs):
+    """With cfg_renorm, k-step Euler at CFG 3 equals QwenImagePipeline's true CFG (norm rescaling included)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep_rl.backbones.qwen_image import QwenImageBackbone, pack, unpack
+    from fewstep_rl.sampling import Transition, sample
+
+    d = dirs["qwen_image"]
+    bb = QwenImageBackbone.from_pretrained(d, resolution=4, cfg_renorm=True)
+    prompts, sig = ["a red cube", "two blue balls"], sigma_grid(4, shift=3.0)
+    noise = torch.randn((2, *bb.sample_shape), generator=torch.Generator().manual_seed(0))
+    cond = bb.encode_prompts(prompts)
+    ours = sample(lambda x, s: bb.velocity(x, s, cond, role=None, guidance=3.0), noise, sig, Transition("euler")).final
+    linear = sample(lambda x, s: Backbone.velocity(bb, x, s, cond, None, 3.0), noise, sig,
+                    Transition("euler")).final
+    pipe = _pipeline("qwen_image", d)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    latents = pipe(prompts, negative_prompt=["", ""], true_cfg_scale=3.0, sigmas=sig[:-1].tolist(), height=16,
+                   width=16, latents=pack(noise), output_type="latent").images
+    err = float((unpack(latents, 4, 4) - ours).abs().max())
+    print(f"qwen_image true-CFG parity (cfg_renorm): max |Δ latents| = {err:.3g}")
+    assert err < 1e-5 and float((linear - ours).abs().max()) > 1e3 * max(err, 1e-8), err
 
 
 def test_qwen_dynamic_shift_is_a_static_shift_of_e_mu(dirs):

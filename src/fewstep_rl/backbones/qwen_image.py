@@ -24,9 +24,10 @@ Schedule. The directory's scheduler uses dynamic shifting: ``μ`` from the image
 (``default_shift``), then ``shift_terminal`` stretching; :meth:`QwenImageBackbone.pipeline_sigmas` gives the
 pipeline's exact grid.
 
-Departure: CFG is the framework's ``v(∅) + ω (v(c) − v(∅))`` (methods.md §1.1), which equals the pipeline's
-``true_cfg_scale`` combination *before* its per-token norm rescaling ``comb·‖v(c)‖/‖comb‖``; the rescaling is not
-applied (every method's guidance algebra assumes the linear form).
+CFG. By default the framework's ``v(∅) + ω (v(c) − v(∅))`` (methods.md §1.1; every method's guidance algebra
+assumes it), which is the pipeline's ``true_cfg_scale`` combination *before* its per-token norm rescaling
+``comb·‖v(c)‖/‖comb‖`` (norms over the 4C channels of each packed token). ``cfg_renorm=True`` applies that
+rescaling too, as the pipeline does (a departure from §1.1: the guided velocity is no longer linear in ω).
 
 Roles: :func:`fewstep_rl.roles.build_store` over the transformer, LoRA on :data:`DEFAULT_LORA_TARGETS` (image and
 text attention projections, as SD3's MMDiT).
@@ -77,12 +78,14 @@ class QwenImageBackbone(Backbone):
         max_sequence_length: text tokens kept per prompt (the pipeline's 512).
         prompt_cache_size: prompt encodings kept (LRU; the null prompt always).
         guidance_null_prompt: the unconditional prompt of CFG (``""``; the pipeline needs an explicit one).
+        cfg_renorm: rescale the CFG combination per token to the conditional prediction's norm (the pipeline's
+            true CFG); default off (linear CFG).
     """
 
     def __init__(
         self, transformer: nn.Module, text_encoder: nn.Module, tokenizer: Any, vae: nn.Module, scheduler: Any = None,
         *, roles: RolesConfig | None = None, resolution: int | None = None, max_sequence_length: int = 512,
-        prompt_cache_size: int = 256, guidance_null_prompt: str = "",
+        prompt_cache_size: int = 256, guidance_null_prompt: str = "", cfg_renorm: bool = False,
     ) -> None:
         super().__init__()
         cfg = transformer.config
@@ -103,6 +106,7 @@ class QwenImageBackbone(Backbone):
         self.default_shift = equivalent_shift(scheduler, self._tokens())
         self.max_sequence_length = int(max_sequence_length)
         self.guidance_null_prompt = guidance_null_prompt
+        self.cfg_renorm = bool(cfg_renorm)
         self._rows = PromptRows(self._encode, prompt_cache_size)
         self._null: Tensor | None = None
         z = int(vae.config.z_dim)
@@ -199,6 +203,20 @@ class QwenImageBackbone(Backbone):
         return ((mean.to(images.dtype) - self.latents_mean) / self.latents_std).to(images.dtype)
 
     # ---------------------------------------------------------------- prediction
+    def velocity(self, x: Tensor, sigma: Tensor | float, cond: Any, role: str | None = "generator",
+                 guidance: float = 1.0) -> Tensor:
+        """:meth:`Backbone.velocity`; with ``cfg_renorm`` and ``guidance ≠ 1`` the pipeline's true CFG (the
+        combination rescaled per packed token to the norm of the conditional prediction)."""
+        if not self.cfg_renorm or guidance == 1.0:
+            return super().velocity(x, sigma, cond, role, guidance)
+        s = self._sigma_batch(sigma, x)
+        both = super().velocity(torch.cat([x, x]), torch.cat([s, s]), self.cat_cond(cond, self.null_cond(len(x))),
+                                role)
+        v_c, v_u = both.chunk(2)
+        comb, cond_p = pack(v_u + guidance * (v_c - v_u)), pack(v_c)
+        comb = comb * (torch.norm(cond_p, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        return unpack(comb, *x.shape[-2:])
+
     def _predict(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], role: str | None) -> Tensor:
         model = self.store.activate(role)
         dt = dtype_of(model)

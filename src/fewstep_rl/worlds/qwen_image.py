@@ -27,6 +27,7 @@ class QwenImageWorldConfig:
     resolution: int = knob(1024, "image side in pixels")
     dtype: Literal["float32", "bfloat16", "float16"] = knob("float32", "dtype the frozen components load in")
     max_sequence_length: int = knob(512, "text tokens kept per prompt")
+    cfg_renorm: bool = knob(False, "rescale CFG per token to the conditional norm (the pipeline's true CFG)")
 
     def __post_init__(self) -> None:
         if self.resolution < 2 or self.resolution % 2:
@@ -60,4 +61,5 @@ class QwenImageWorld(SD3World):
         c = self.cfg
         return QwenImageBackbone.from_pretrained(self.dir, roles=self.roles_config(), dtype=_DTYPES[c.dtype],
                                                  resolution=self.latent_side(),
-                                                 max_sequence_length=c.max_sequence_length)
+                                                 max_sequence_length=c.max_sequence_length,
+                                                 cfg_renorm=c.cfg_renorm)
