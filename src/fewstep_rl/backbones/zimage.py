@@ -179,7 +179,7 @@ class ZImageBackbone(Backbone):
         dt = dtype_of(model)
         t = (1000 - 1000 * sigma.float()) / 1000  # the pipeline's (1000 − timestep) / 1000, timestep = 1000σ
         caps = [s[m] for s, m in zip(cond["seq"].to(dt), cond["mask"])]
-        out = model(list(x.to(dt).unsqueeze(2).unbind(0)), t.to(dt), caps, return_dict=False)[0]
+        out = model(list(x.to(dt).unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]  # t float32, as the pipeline
         return -torch.stack([o.float() for o in out]).squeeze(2).to(x.dtype)
 
     def fsdp_units(self) -> Iterator[nn.Module]:
