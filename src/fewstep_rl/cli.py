@@ -143,9 +143,14 @@ def cmd_fit(argv: list[str]) -> int:
     if opts.get("help"):
         print(_method_help(opts["method"], opts["world"]))
         return 0
-    from fewstep_rl.run import resolve
+    from fewstep_rl.run import preset_path, resolve
 
     resolved = resolve(opts["method"], opts["world"], tuple(opts["config"]), over, use_preset=not opts["no_preset"])
+    method, world = getattr(resolved.method_cls, "name", resolved.method_name), resolved.world_name
+    if not opts["no_preset"] and not opts["config"] and preset_path(method, world) is None:
+        print(f"note: no preset configs/{method}/{world}.yaml (no published setting of this method for this world): "
+              f"the method's defaults apply; see fewstep-rl fit --method {method} --world {world} --help",
+              file=sys.stderr)
     if opts["print_config"]:
         print(yaml.safe_dump(resolved.to_dict(), sort_keys=False), end="")
         return 0

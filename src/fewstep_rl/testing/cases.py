@@ -93,3 +93,103 @@ def _sd3_load_native(d: Path, roles: RolesConfig | None) -> Any:
     from fewstep_rl.backbones.sd3 import SD3Backbone
 
     return SD3Backbone.from_pretrained(d, roles=roles)
+
+
+# -------------------------------------------------------------------- zimage, qwen_image (Qwen-text families)
+def _zimage_prepare(workdir: Path) -> Path:
+    """A tiny random ``ZImagePipeline`` (Qwen3 text encoder with a chat template, 16-channel VAE) saved to disk."""
+    from diffusers import ZImagePipeline
+
+    from fewstep_rl.backbones import tiny_qwen
+
+    d = workdir / "zimage"
+    ZImagePipeline(**tiny_qwen.zimage_pipeline_components()).save_pretrained(d)
+    return d
+
+
+def _zimage_load(d: Path, roles: RolesConfig | None) -> Any:
+    from fewstep_rl.backbones.zimage import ZImageBackbone
+
+    return ZImageBackbone.from_pretrained(d, roles=roles, resolution=8)
+
+
+def _zimage_pipeline(d: Path, prompts: Sequence[str], noise: Tensor, sigmas: Tensor, guidance: float) -> tuple[
+        Tensor, Tensor]:
+    """``ZImagePipeline`` on our noise and σ grid (shift 1); its ``guidance_scale`` g is our ``ω − 1``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(d, local_files_only=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    side = noise.shape[-1] * pipe.vae_scale_factor
+    kw = dict(guidance_scale=guidance - 1, sigmas=sigmas[:-1].tolist(), height=side, width=side)
+    # (a fresh prompt list per call: ZImagePipeline._encode_prompt writes the chat-templated prompts into it)
+    latents = pipe(list(prompts), latents=noise.clone(), output_type="latent", **kw).images
+    assert torch.equal(pipe.scheduler.sigmas, sigmas.to(pipe.scheduler.sigmas))
+    return latents, pipe(list(prompts), latents=noise.clone(), output_type="pt", **kw).images
+
+
+CASES["zimage"] = BackboneCase(
+    name="zimage", prepare=_zimage_prepare, load=_zimage_load, prompts=SD3_PROMPTS, pipeline=_zimage_pipeline,
+    world="zimage", world_args=lambda d, p: ["--world.path", str(d), "--world.prompts", str(p), "--world.resolution",
+                                             "8", "--roles.rank", "2"],
+    rewards="fewstep_rl.perf.bench_reward:MeanPixelReward", save=lambda bb, d: bb.save_pretrained(d),
+)
+
+
+def _qwen_image_prepare(workdir: Path) -> Path:
+    """A tiny random ``QwenImagePipeline`` (Qwen2.5-VL text encoder, 3-D VAE, dynamic-shift scheduler) on disk."""
+    from diffusers import QwenImagePipeline
+
+    from fewstep_rl.backbones import tiny_qwen
+
+    d = workdir / "qwen_image"
+    QwenImagePipeline(**tiny_qwen.qwen_image_pipeline_components()).save_pretrained(d)
+    return d
+
+
+def _qwen_image_load(d: Path, roles: RolesConfig | None) -> Any:
+    from fewstep_rl.backbones.qwen_image import QwenImageBackbone
+
+    return QwenImageBackbone.from_pretrained(d, roles=roles, resolution=4)
+
+
+def _qwen_image_pipeline(d: Path, prompts: Sequence[str], noise: Tensor, sigmas: Tensor, guidance: float) -> tuple[
+        Tensor, Tensor]:
+    """``QwenImagePipeline`` on our noise (packed) and σ grid (static shift 1), ``true_cfg_scale`` = ω with the
+    negative prompt ``""``. Its per-token norm rescaling of the CFG combination is neutralised here (``torch.norm``
+    returns ones inside the call), since the backbone applies CFG linearly (the documented departure)."""
+    from unittest import mock
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    from fewstep_rl.backbones.qwen_image import pack, unpack
+
+    pipe = QwenImagePipeline.from_pretrained(d, local_files_only=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    h, w = noise.shape[-2:]
+    kw = dict(true_cfg_scale=guidance, negative_prompt=[""] * len(prompts) if guidance > 1 else None,
+              sigmas=sigmas[:-1].tolist(), height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
+    class _Torch:  # the pipeline module's ``torch`` with ``norm`` returning ones (no rescaling)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(torch, name)
+
+        @staticmethod
+        def norm(t: Tensor, dim: int = -1, keepdim: bool = True) -> Tensor:
+            return torch.ones_like(t[..., :1])
+
+    with mock.patch("diffusers.pipelines.qwenimage.pipeline_qwenimage.torch", _Torch()):
+        latents = pipe(list(prompts), latents=pack(noise), output_type="latent", **kw).images
+        assert torch.equal(pipe.scheduler.sigmas, sigmas.to(pipe.scheduler.sigmas))
+        images = pipe(list(prompts), latents=pack(noise), output_type="pt", **kw).images
+    return unpack(latents, h, w), images
+
+
+CASES["qwen_image"] = BackboneCase(
+    name="qwen_image", prepare=_qwen_image_prepare, load=_qwen_image_load, prompts=SD3_PROMPTS,
+    pipeline=_qwen_image_pipeline, world="qwen_image",
+    world_args=lambda d, p: ["--world.path", str(d), "--world.prompts", str(p), "--world.resolution", "16",
+                             "--roles.rank", "2"],
+    rewards="fewstep_rl.perf.bench_reward:MeanPixelReward", save=lambda bb, d: bb.save_pretrained(d),
+)

@@ -78,11 +78,11 @@ class SD3World(World):
         super().__init__(cfg or SD3WorldConfig())
         c = self.cfg
         if not c.path:
-            raise ValueError("world.path: the sd3 world needs a local diffusers SD3/SD3.5 directory "
+            raise ValueError(f"world.path: the {self.name} world needs a local diffusers model directory "
                              "(e.g. --world.path /models/stable-diffusion-3.5-medium)")
         self.dir = Path(c.path)
         if not self.dir.is_dir():
-            raise ValueError(f"world.path: {str(self.dir)!r} is not a directory (a local diffusers SD3/SD3.5 "
+            raise ValueError(f"world.path: {str(self.dir)!r} is not a directory (a local diffusers {self.name} "
                              "checkpoint is required; nothing is downloaded)")
         self._train = read_prompts(c.prompts, "prompts")
         self._eval = read_prompts(c.eval_prompts, "eval_prompts") if c.eval_prompts else list(self._train)
