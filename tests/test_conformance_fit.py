@@ -1,5 +1,5 @@
 """Conformance, part 2: ``fewstep-rl fit`` of every registered method for 2 iterations through the real CLI on each
-conformance case's world (sd3 on a tiny random pipeline directory, shapes, toy2d); see
+conformance case's world (sd3, flux and flux2 on tiny random pipeline directories, shapes, toy2d); see
 fewstep_rl.testing.conformance."""
 
 import os
@@ -32,7 +32,8 @@ def suites(tmp_path_factory):
 
 
 def test_every_case_with_a_world_fits_every_method():
-    assert {"sd3", "shapes", "toy2d"} <= {p.values[0] for p in PARAMS} and len(PARAMS) == 3 * len(METHODS)
+    names = {"sd3", "shapes", "toy2d", "flux", "flux2"}
+    assert names <= {p.values[0] for p in PARAMS} and len(PARAMS) == len(names) * len(METHODS)
 
 
 @pytest.mark.parametrize(("name", "method"), PARAMS)

@@ -90,6 +90,8 @@ class FluxWorld(World):
     sample_kind = "images"
     roles_defaults = {"rank": 32, "alpha": 64.0}
     label = "FLUX.1"
+    missing_preset_hint = ("for the pipeline's dynamic shift set --method.shift to e^mu (FLUX.1 at 512 px: 1.8776; "
+                           "the backbone's schedule_shift(num_steps))")
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg or self.Config())
@@ -144,6 +146,8 @@ class Flux2World(FluxWorld):
     name = "flux2"
     Config = Flux2WorldConfig
     label = "FLUX.2-klein"
+    missing_preset_hint = ("for the pipeline's dynamic shift set --method.shift to e^mu (klein at 512 px, 4 steps: "
+                           "7.6193; the backbone's schedule_shift(num_steps))")
 
     def _load(self) -> Any:
         from fewstep_rl.backbones.flux2 import Flux2Backbone
