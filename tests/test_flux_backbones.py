@@ -144,3 +144,14 @@ def test_rtdmd_presets_carry_the_dynamic_shift_and_a_missing_preset_is_a_note(di
     r = resolve("dmd2", "flux2", overrides={**over, "world.path": str(dirs["flux2"])})
     err = capsys.readouterr().err
     assert r.method.shift == 1.0 and "no preset for method 'dmd2' on world 'flux2'" in err and "7.6193" in err
+
+
+@torch.no_grad()
+def test_flux2_encode_is_the_pipelines_image_encoding_and_decode_inverts_it(dirs):
+    bb = cases._flux2_load(dirs["flux2"], None)
+    pipe = _pipe("flux2", dirs["flux2"])
+    images = torch.rand((2, 3, 16, 16), generator=torch.Generator().manual_seed(2))
+    z = bb.encode(images)
+    assert z.shape == (2, *bb.sample_shape)
+    assert float((z - pipe._encode_vae_image(2 * images - 1, None)).abs().max()) < 1e-5
+    assert bb.decode(z).shape == images.shape

@@ -178,6 +178,17 @@ class FluxFamily(Backbone):
         base.load_state_dict(self.store.base_state_dict(), strict=True)
         return base.to(dtype_of(self.transformer)).eval()
 
+    def _vae(self) -> nn.Module:
+        """The VAE; under FSDP2 its ``encode``/``decode`` are registered to gather parameters like ``forward``."""
+        if not getattr(self.vae, "_fewstep_fsdp_methods", False) and torch.distributed.is_available():
+            from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+            if isinstance(self.vae, FSDPModule):
+                register_fsdp_forward_method(self.vae, "encode")
+                register_fsdp_forward_method(self.vae, "decode")
+                self.vae._fewstep_fsdp_methods = True
+        return self.vae
+
     def fsdp_units(self) -> Iterator[nn.Module]:
         """Transformer blocks, then each transformer (base and copies), the text encoders and the VAE."""
         for t in self.store.networks():
@@ -302,11 +313,11 @@ class FluxBackbone(FluxFamily):
     def decode(self, x: Tensor) -> Tensor:
         """Scaled latents → images in [0, 1] (differentiable; the pipeline's decode + post-processing)."""
         cfg = self.vae.config
-        img = self.vae.decode(x.to(dtype_of(self.vae)) / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+        img = self._vae().decode(x.to(dtype_of(self.vae)) / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
         return (img / 2 + 0.5).clamp(0, 1).to(x.dtype)
 
     def encode(self, images: Tensor) -> Tensor:
         """Images in [0, 1] → scaled latents (VAE posterior mean)."""
         cfg = self.vae.config
-        mean = self.vae.encode((2 * images - 1).to(dtype_of(self.vae))).latent_dist.mean
+        mean = self._vae().encode((2 * images - 1).to(dtype_of(self.vae))).latent_dist.mean
         return ((mean - cfg.shift_factor) * cfg.scaling_factor).to(images.dtype)

@@ -162,12 +162,12 @@ class Flux2Backbone(FluxFamily):
         z = z * std + mean
         b, c, h, w = z.shape  # Flux2KleinPipeline._unpatchify_latents
         z = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
-        img = self.vae.decode(z, return_dict=False)[0]
+        img = self._vae().decode(z, return_dict=False)[0]
         return (img / 2 + 0.5).clamp(0, 1).to(x.dtype)
 
     def encode(self, images: Tensor) -> Tensor:
         """Images in [0, 1] → normalised patchified latents (posterior mode, as the pipeline's image encoding)."""
-        z = self.vae.encode((2 * images - 1).to(dtype_of(self.vae))).latent_dist.mode()
+        z = self._vae().encode((2 * images - 1).to(dtype_of(self.vae))).latent_dist.mode()
         b, c, h, w = z.shape  # Flux2KleinPipeline._patchify_latents
         z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
         mean, std = self._bn(z)
