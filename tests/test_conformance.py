@@ -1,5 +1,5 @@
-"""The backbone conformance suite (fewstep_rl.testing.conformance) for every case: sd3 (tiny random pipeline in its
-real diffusers layout, loaded through the real code), the shapes world's shipped teacher, and toy2d where a check
+"""The backbone conformance suite (fewstep_rl.testing.conformance) for every case: sd3, flux and flux2 (tiny random
+pipelines in their real diffusers layouts, loaded through the real code), the shapes world's shipped teacher, and toy2d where a check
 applies. A new backbone gets every check by adding one entry to ``fewstep_rl.testing.cases.CASES``; the 2-iteration CLI fit of
 every method on each case's world is in test_conformance_fit.py."""
 

@@ -1,5 +1,5 @@
 """Conformance, part 2: ``fewstep-rl fit`` of every registered method for 2 iterations through the real CLI on each
-conformance case's world (sd3, zimage and qwen_image on tiny random pipeline directories, shapes, toy2d); see
+conformance case's world (sd3, flux, flux2, zimage and qwen_image on tiny random pipeline directories, shapes, toy2d); see
 fewstep_rl.testing.conformance."""
 
 import os
@@ -21,7 +21,7 @@ PARAMS = [
 
 def test_every_case_with_a_world_fits_every_method():
     with_world = [n for n, c in CASES.items() if c.world is not None]
-    assert {"sd3", "shapes", "toy2d", "zimage", "qwen_image"} <= {p.values[0] for p in PARAMS}
+    assert {"sd3", "shapes", "toy2d", "flux", "flux2", "zimage", "qwen_image"} <= {p.values[0] for p in PARAMS}
     assert len(PARAMS) == len(with_world) * len(METHODS)
 
 

@@ -190,6 +190,12 @@ def resolve(
     world_cls = registry.load("worlds", world)
     if use_preset and raw is None and (p := preset_path(getattr(method_cls, "name", method), world)) is not None:
         merged = deep_merge(load_yaml(p), merged)
+    elif use_preset and raw is None:
+        import sys
+
+        hint = getattr(world_cls, "missing_preset_hint", "")
+        print(f"note: no preset for method {method!r} on world {world!r} (configs/{method}/{world}.yaml): the method's "
+              f"defaults apply{'; ' + hint if hint else ''}", file=sys.stderr)
     for key in merged:
         if key not in SECTIONS:
             raise ConfigError(unknown_key_message("<config>", key, list(SECTIONS)).replace("'<config>.", "'"))

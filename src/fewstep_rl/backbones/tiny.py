@@ -127,3 +127,75 @@ def sd3_pipeline_components(seed: int = 0) -> dict[str, Any]:
         "tokenizer_2": clip_byte_tokenizer(),
         "tokenizer_3": t5_char_tokenizer(),
     }
+
+
+def flux_pipeline_components(seed: int = 0) -> dict[str, Any]:
+    """Every component of a tiny ``FluxPipeline`` (CLIP, T5, 4-channel VAE, guidance embedding), random."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=1000, hidden_act="gelu", max_position_embeddings=77)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return {"scheduler": scheduler, "vae": vae(4, seed), "transformer": transformer, "text_encoder": clip,
+            "text_encoder_2": t5_text_encoder(seed), "tokenizer": clip_byte_tokenizer(),
+            "tokenizer_2": t5_char_tokenizer()}
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen_byte_tokenizer(max_length: int = 64) -> Any:
+    """A byte-level ``Qwen2TokenizerFast`` (no merges) with Qwen3's chat tokens and a Qwen3-style chat template."""
+    from transformers import Qwen2TokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {s: i for i, s in enumerate(bytes_to_unicode().values())}
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                             model_max_length=max_length)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def flux2_pipeline_components(seed: int = 0) -> dict[str, Any]:
+    """Every component of a tiny ``Flux2KleinPipeline`` (3-layer Qwen3, Flux2 VAE with random batch-norm
+    statistics, no guidance embedding), random, built offline."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False).eval()
+    text = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=264, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    vae_ = AutoencoderKLFlux2(
+        block_out_channels=(4,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        layers_per_block=1, latent_channels=4, norm_num_groups=1, sample_size=32, use_quant_conv=False,
+        use_post_quant_conv=False).eval()
+    with torch.no_grad():  # random batch-norm statistics; a text projection strong enough for CFG to matter
+        attn = transformer.transformer_blocks[0].attn
+        for m in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k):
+            m.weight.mul_(3.0)
+        attn.add_v_proj.weight.mul_(4.0)
+        vae_.bn.running_mean.normal_(0, 0.5)
+        vae_.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    return {"scheduler": scheduler, "vae": vae_, "transformer": transformer, "text_encoder": text,
+            "tokenizer": qwen_byte_tokenizer()}

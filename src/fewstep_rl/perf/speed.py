@@ -49,16 +49,17 @@ def apply_speed(backbone: Any, attention_backend: str = "auto", compile: bool = 
         return backbone
     inner = backbone._predict
 
-    def run(x: Tensor, sigma: Tensor, seq: Tensor, pooled: Tensor, role: str | None) -> Tensor:
+    def run(x: Tensor, sigma: Tensor, role: str | None, keys: tuple[str, ...], *vals: Tensor) -> Tensor:
         with _sdpa_context(attention_backend):
-            return inner(x, sigma, {"seq": seq, "pooled": pooled}, role)
+            return inner(x, sigma, dict(zip(keys, vals)), role)
 
     def predict(x: Tensor, sigma: Tensor, cond: dict[str, Tensor], role: str | None) -> Tensor:
+        keys = tuple(cond)  # the conditioning tensors travel as arguments (checkpoint tracks their gradients)
         if grad_checkpointing and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(run, x, sigma, cond["seq"], cond["pooled"], role, use_reentrant=False)
-        return run(x, sigma, cond["seq"], cond["pooled"], role)
+            return checkpoint(run, x, sigma, role, keys, *cond.values(), use_reentrant=False)
+        return run(x, sigma, role, keys, *cond.values())
 
     backbone._predict = predict
     return backbone

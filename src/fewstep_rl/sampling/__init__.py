@@ -13,7 +13,7 @@ from fewstep_rl.sampling.param import (
     v_from_x0,
     x0_from_v,
 )
-from fewstep_rl.sampling.sigmas import flux_mu, shift_dynamic, shift_static, sigma_grid, unshift_static
+from fewstep_rl.sampling.sigmas import flux2_mu, flux_mu, shift_dynamic, shift_static, sigma_grid, unshift_static
 from fewstep_rl.sampling.timesteps import (
     ambient_renoise_levels,
     sample_interval,
@@ -49,6 +49,7 @@ __all__ = [
     "eps_from_v",
     "expand_sigma",
     "flux_mu",
+    "flux2_mu",
     "forward_noise",
     "group_noise",
     "random_stop",

@@ -5,8 +5,7 @@
   for FLUX.1 (:func:`flux_mu`).
 * The raw 4-step list [1000, 750, 500, 250] maps for γ = 3 to σ = [1.0, 0.9, 0.75, 0.5], then 0 is appended.
 
-Deviations: FLUX.2-klein's empirical μ (``compute_empirical_mu``, a function of tokens *and* steps) is not
-implemented here; pass its value as ``mu``.
+* FLUX.2-klein: μ an empirical function of the image tokens *and* the step count (:func:`flux2_mu`).
 """
 
 from __future__ import annotations
@@ -90,6 +89,27 @@ def flux_mu(
         raise ValueError(f"max_seq must differ from base_seq, got both = {base_seq}")
     slope = (max_shift - base_shift) / (max_seq - base_seq)
     return base_shift + (n_tokens - base_seq) * slope
+
+
+def flux2_mu(n_tokens: int, num_steps: int) -> float:
+    """FLUX.2-klein's empirical dynamic-shift exponent (``Flux2KleinPipeline``'s ``compute_empirical_mu``).
+
+    Two lines in the token count, fitted at 10 and 200 steps, interpolated linearly in the step count
+    (methods.md §1.1); beyond 4300 tokens the 200-step line alone.
+
+    Args:
+        n_tokens: Image tokens (latent side / 2, squared: 1024 at 512 px).
+        num_steps: Sampler steps K.
+
+    Returns:
+        μ as a float.
+    """
+    m_200 = 0.00016927 * n_tokens + 0.45666666
+    if n_tokens > 4300:
+        return float(m_200)
+    m_10 = 8.73809524e-05 * n_tokens + 1.89833333
+    a = (m_200 - m_10) / 190.0
+    return float(a * num_steps + m_200 - 200.0 * a)
 
 
 def sigma_grid(

@@ -55,6 +55,90 @@ def _sd3_pipeline(d: Path, prompts: Sequence[str], noise: Tensor, sigmas: Tensor
     return latents, images
 
 
+FLUX_SEQ = 16  # T5 tokens of the tiny flux world (the pipeline's max_sequence_length)
+
+
+def _flux_prepare(workdir: Path) -> Path:
+    """A tiny random ``FluxPipeline`` (CLIP, T5, VAE, guidance embedding, dynamic shift) via ``save_pretrained``."""
+    from diffusers import FluxPipeline
+
+    from fewstep_rl.backbones import tiny
+
+    d = workdir / "flux"
+    FluxPipeline(**tiny.flux_pipeline_components()).save_pretrained(d)
+    return d
+
+
+def _flux_load(d: Path, roles: RolesConfig | None) -> Any:
+    from fewstep_rl.backbones.flux import FluxBackbone
+
+    return FluxBackbone.from_pretrained(d, roles=roles, resolution=16, guidance=3.5, max_sequence_length=FLUX_SEQ)
+
+
+def _flux_pipeline(d: Path, prompts: Sequence[str], noise: Tensor, sigmas: Tensor, guidance: float) -> tuple[Tensor,
+                                                                                                            Tensor]:
+    """``FluxPipeline`` with our (packed) noise as ``latents``, our σ grid (dynamic shift off, so the scheduler uses
+    it as given), the guidance embedding 3.5 and true CFG ``guidance`` against ``negative_prompt=""``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(d, local_files_only=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe.set_progress_bar_config(disable=True)
+    b, c, h, w = noise.shape
+    side = h * pipe.vae_scale_factor
+    kw = dict(prompt=list(prompts), guidance_scale=3.5, true_cfg_scale=guidance, sigmas=sigmas[:-1].tolist(),
+              height=side, width=side, max_sequence_length=FLUX_SEQ,
+              negative_prompt=[""] * len(prompts) if guidance > 1 else None)
+    packed = pipe._pack_latents(noise.clone(), b, c, h, w)
+    latents = pipe._unpack_latents(pipe(latents=packed.clone(), output_type="latent", **kw).images, side, side,
+                                   pipe.vae_scale_factor)
+    assert torch.equal(pipe.scheduler.sigmas, sigmas.to(pipe.scheduler.sigmas))
+    images = pipe(latents=packed.clone(), output_type="pt", **kw).images
+    return latents, images
+
+
+FLUX2_SEQ, FLUX2_LAYERS = 64, (1, 2, 3)  # text tokens and stacked hidden states of the tiny flux2 world
+
+
+def _flux2_prepare(workdir: Path) -> Path:
+    """A tiny random ``Flux2KleinPipeline`` (Qwen3 with a chat template, Flux2 VAE, not step-distilled)."""
+    from diffusers import Flux2KleinPipeline
+
+    from fewstep_rl.backbones import tiny
+
+    d = workdir / "flux2"
+    Flux2KleinPipeline(**tiny.flux2_pipeline_components(), is_distilled=False).save_pretrained(d)
+    return d
+
+
+def _flux2_load(d: Path, roles: RolesConfig | None) -> Any:
+    from fewstep_rl.backbones.flux2 import Flux2Backbone
+
+    return Flux2Backbone.from_pretrained(d, roles=roles, resolution=16, max_sequence_length=FLUX2_SEQ,
+                                         text_layers=FLUX2_LAYERS)
+
+
+def _flux2_pipeline(d: Path, prompts: Sequence[str], noise: Tensor, sigmas: Tensor, guidance: float) -> tuple[Tensor,
+                                                                                                             Tensor]:
+    """``Flux2KleinPipeline`` with our noise (patchified, normalised: its ``latents``) and σ grid (dynamic shift
+    off), CFG ``guidance``; its latent output (denormalised, un-patchified) is mapped back to our space."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(d, local_files_only=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe.set_progress_bar_config(disable=True)
+    side = 2 * noise.shape[-1] * pipe.vae_scale_factor
+    kw = dict(prompt=list(prompts), guidance_scale=guidance, sigmas=sigmas[:-1].tolist(), height=side, width=side,
+              max_sequence_length=FLUX2_SEQ, text_encoder_out_layers=FLUX2_LAYERS)
+    z = pipe._patchify_latents(pipe(latents=noise.clone(), output_type="latent", **kw).images)
+    bn = pipe.vae.bn
+    latents = (z - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1)
+                                                                    + pipe.vae.config.batch_norm_eps)
+    assert torch.equal(pipe.scheduler.sigmas, sigmas.to(pipe.scheduler.sigmas))
+    images = pipe(latents=noise.clone(), output_type="pt", **kw).images
+    return latents, images
+
+
 def _shapes_prepare(workdir: Path) -> Path:
     from fewstep_rl.worlds.shapes.world import ASSETS
 
@@ -74,6 +158,19 @@ CASES: dict[str, BackboneCase] = {
         name="sd3", prepare=_sd3_prepare, load=_sd3_load, prompts=SD3_PROMPTS, pipeline=_sd3_pipeline, world="sd3",
         world_args=lambda d, p: ["--world.path", str(d), "--world.prompts", str(p), "--world.resolution", "16",
                                  "--roles.rank", "2"],
+        rewards="fewstep_rl.perf.bench_reward:MeanPixelReward", save=lambda bb, d: bb.save_pretrained(d),
+    ),
+    "flux": BackboneCase(
+        name="flux", prepare=_flux_prepare, load=_flux_load, prompts=SD3_PROMPTS, pipeline=_flux_pipeline,
+        world="flux", world_args=lambda d, p: ["--world.path", str(d), "--world.prompts", str(p), "--world.resolution",
+                                               "16", "--world.max_sequence_length", str(FLUX_SEQ), "--roles.rank", "2"],
+        rewards="fewstep_rl.perf.bench_reward:MeanPixelReward", save=lambda bb, d: bb.save_pretrained(d),
+    ),
+    "flux2": BackboneCase(
+        name="flux2", prepare=_flux2_prepare, load=_flux2_load, prompts=SD3_PROMPTS, pipeline=_flux2_pipeline,
+        world="flux2", world_args=lambda d, p: ["--world.path", str(d), "--world.prompts", str(p), "--world.resolution",
+                                                "16", "--world.max_sequence_length", str(FLUX2_SEQ),
+                                                "--world.text_layers", "[1, 2, 3]", "--roles.rank", "2"],
         rewards="fewstep_rl.perf.bench_reward:MeanPixelReward", save=lambda bb, d: bb.save_pretrained(d),
     ),
     "shapes": BackboneCase(

@@ -1,0 +1,158 @@
+"""The ``flux`` (FLUX.1-dev style) and ``flux2`` (FLUX.2-klein) worlds: a local diffusers directory + prompt files.
+
+Nothing is downloaded: ``world.path`` names a ``FluxPipeline`` / ``Flux2KleinPipeline`` directory, loaded with
+``local_files_only`` and checked component by component (:mod:`fewstep_rl.backbones.flux`,
+:mod:`fewstep_rl.backbones.flux2`). Prompts, evaluation and sample files are as in the ``sd3`` world.
+
+Guidance. ``flux``: ``world.guidance`` is FLUX.1's *distilled guidance embedding* (3.5 for FLUX.1-dev), an input of
+every pass of every role; the teacher's true CFG against the empty prompt is ``world.true_cfg`` (default 1: none,
+the pipeline's ``true_cfg_scale``), which methods take as their teacher guidance. ``flux2``: klein has no guidance
+embedding; ``world.guidance`` is the teacher's CFG (4.0, methods.md §2.2).
+
+Schedule. Both pipelines shift the σ grid dynamically (μ from the image token count; klein also from the step
+count). At a fixed resolution and step count that is the static shift ``γ = e^μ`` (the backbone's
+``schedule_shift(K)``; ``sigmas(K)`` is the pipeline's grid): set it as the method's ``shift`` (the presets do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from fewstep_rl.config import knob
+from fewstep_rl.worlds.base import World
+from fewstep_rl.worlds.sd3 import read_prompts
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SPEED = "SDPA backend of every transformer pass (fewstep_rl.perf.speed)"
+
+
+@dataclass
+class FluxWorldConfig:
+    """The ``flux`` world (``world.*`` keys)."""
+
+    path: str = knob("", "local diffusers FLUX.1 directory (required; nothing is downloaded)")
+    prompts: str = knob("", "training prompts: a text file, one prompt per line (required)")
+    eval_prompts: str | None = knob(None, "evaluation prompts file (default: the training prompts)")
+    guidance: float = knob(3.5, "distilled guidance embedding fed to every pass (FLUX.1-dev: 3.5); not CFG")
+    true_cfg: float = knob(1.0, "teacher true-CFG scale against the empty prompt (1: none)")
+    resolution: int = knob(512, "image side in pixels")
+    dtype: Literal["float32", "bfloat16", "float16"] = knob("float32", "dtype the frozen components load in")
+    max_sequence_length: int = knob(512, "T5 tokens per prompt")
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = knob("auto", _SPEED)
+    compile: bool = knob(False, "torch.compile the transformer (one graph per active adapter set)")
+    compile_backend: str = knob("inductor", "torch.compile backend (inductor; aot_eager for debugging)")
+    grad_checkpointing: bool = knob(False, "recompute grad passes in backward (activation checkpointing)")
+
+    def __post_init__(self) -> None:
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
+        if self.true_cfg < 1.0:
+            raise ValueError(f"true_cfg must be >= 1, got {self.true_cfg}")
+
+
+@dataclass
+class Flux2WorldConfig:
+    """The ``flux2`` world (``world.*`` keys)."""
+
+    path: str = knob("", "local diffusers FLUX.2-klein directory (required; nothing is downloaded)")
+    prompts: str = knob("", "training prompts: a text file, one prompt per line (required)")
+    eval_prompts: str | None = knob(None, "evaluation prompts file (default: the training prompts)")
+    guidance: float = knob(4.0, "teacher CFG scale (klein-base: 4.0)")
+    resolution: int = knob(512, "image side in pixels")
+    dtype: Literal["float32", "bfloat16", "float16"] = knob("float32", "dtype the frozen components load in")
+    max_sequence_length: int = knob(512, "text tokens per prompt (chat template included)")
+    text_layers: list[int] = knob([9, 18, 27], "text-encoder hidden states stacked into the prompt embedding")
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = knob("auto", _SPEED)
+    compile: bool = knob(False, "torch.compile the transformer (one graph per active adapter set)")
+    compile_backend: str = knob("inductor", "torch.compile backend (inductor; aot_eager for debugging)")
+    grad_checkpointing: bool = knob(False, "recompute grad passes in backward (activation checkpointing)")
+
+    def __post_init__(self) -> None:
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
+        if self.guidance < 1.0:
+            raise ValueError(f"guidance must be >= 1, got {self.guidance}")
+        if not self.text_layers:
+            raise ValueError("text_layers must name at least one hidden-state index")
+
+
+class FluxWorld(World):
+    """A local diffusers FLUX.1 checkpoint with prompts from files."""
+
+    name = "flux"
+    Config = FluxWorldConfig
+    sample_kind = "images"
+    roles_defaults = {"rank": 32, "alpha": 64.0}
+    label = "FLUX.1"
+    missing_preset_hint = ("for the pipeline's dynamic shift set --method.shift to e^mu (FLUX.1 at 512 px: 1.8776; "
+                           "the backbone's schedule_shift(num_steps))")
+
+    def __init__(self, cfg: Any = None) -> None:
+        super().__init__(cfg or self.Config())
+        c = self.cfg
+        if not c.path or not Path(c.path).is_dir():
+            raise ValueError(f"world.path: {c.path!r} is not a directory (the {self.name} world needs a local diffusers "
+                             f"{self.label} directory; nothing is downloaded)")
+        self.dir = Path(c.path)
+        self._train = read_prompts(c.prompts, "prompts")
+        self._eval = read_prompts(c.eval_prompts, "eval_prompts") if c.eval_prompts else list(self._train)
+        self.teacher_guidance = float(getattr(c, "true_cfg", c.guidance))
+
+    def _load(self) -> Any:
+        from fewstep_rl.backbones.flux import FluxBackbone
+
+        c = self.cfg
+        return FluxBackbone.from_pretrained(self.dir, roles=self.roles_config(), dtype=_DTYPES[c.dtype],
+                                            guidance=c.guidance, resolution=c.resolution,
+                                            max_sequence_length=c.max_sequence_length)
+
+    def build_backbone(self) -> Any:
+        from fewstep_rl.perf.speed import apply_speed
+
+        c = self.cfg
+        return apply_speed(self._load(), c.attention_backend, c.compile, c.compile_backend, c.grad_checkpointing)
+
+    @property
+    def train_prompts(self) -> list[str]:
+        return list(self._train)
+
+    @property
+    def eval_prompts(self) -> list[str]:
+        return list(self._eval)
+
+    def default_rewards(self) -> list[dict]:
+        return [{"name": "jpeg"}]
+
+    def save_samples(self, samples: Tensor, prompts: Sequence[str], out: Path) -> None:
+        from fewstep_rl.eval.images import save_pngs
+
+        save_pngs(samples, prompts, Path(out), scale=1)
+
+    def log_samples(self, samples: Tensor, prompts: Sequence[str], run_dir: Path, step: int) -> None:
+        from fewstep_rl.eval.images import save_grid
+
+        save_grid(samples[:8], list(prompts[:8]), Path(run_dir) / "samples" / f"iter_{step:06d}.png", cols=4, scale=1)
+
+
+class Flux2World(FluxWorld):
+    """A local diffusers FLUX.2-klein checkpoint with prompts from files."""
+
+    name = "flux2"
+    Config = Flux2WorldConfig
+    label = "FLUX.2-klein"
+    missing_preset_hint = ("for the pipeline's dynamic shift set --method.shift to e^mu (klein at 512 px, 4 steps: "
+                           "7.6193; the backbone's schedule_shift(num_steps))")
+
+    def _load(self) -> Any:
+        from fewstep_rl.backbones.flux2 import Flux2Backbone
+
+        c = self.cfg
+        return Flux2Backbone.from_pretrained(self.dir, roles=self.roles_config(), dtype=_DTYPES[c.dtype],
+                                             resolution=c.resolution, max_sequence_length=c.max_sequence_length,
+                                             text_layers=tuple(c.text_layers))
