@@ -131,6 +131,16 @@ def test_trim_keeps_rows_the_checkpoint_covers(tmp_path):
     assert [json.loads(x)["iteration"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [0, 2]
 
 
+def test_trim_before_a_final_evaluation_drops_its_row(tmp_path):
+    """Resuming from a finished run's final checkpoint (saved before the final evaluation) redoes that evaluation:
+    its row at step ``done`` goes, or a kill between the row and the exit would leave it twice."""
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,val/r\n0,3,4.0,\n,4,,0.9\n")
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"iteration": i, "r": i}) + "\n" for i in (2, 4)))
+    trim_metrics_after(tmp_path, 4, redo_final=True)
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step,train/loss,val/r", "0,3,4.0,"]
+    assert [json.loads(x)["iteration"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2]
+
+
 def test_config_diff_and_flatten():
     assert flatten({"a": {"b": 1}, "r": [{"name": "x", "w": [1.0, 0.0]}]}) == {"a.b": 1, "r.0.name": "x",
                                                                               "r.0.w": [1.0, 0.0]}

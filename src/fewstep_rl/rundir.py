@@ -147,7 +147,8 @@ def open_run_dir(run_dir: Path, config: dict, versions: dict, ckpt_path: str | N
             _clear(run_dir)
         remove_stale_temporaries(run_dir)
         if ckpt_path is not None and done is not None:
-            trim_metrics_after(run_dir, done)
+            max_steps = (config.get("trainer") or {}).get("max_steps")
+            trim_metrics_after(run_dir, done, redo_final=max_steps is not None and done >= int(max_steps))
             with open(run_dir / RESUME_LOG, "a") as f:
                 f.write(json.dumps({"ckpt_path": str(ckpt_path), "iteration": done,
                                     "changes": {k: {"from": a, "to": b} for k, (a, b) in (changes or {}).items()}},
@@ -160,8 +161,12 @@ def open_run_dir(run_dir: Path, config: dict, versions: dict, ckpt_path: str | N
     return lock
 
 
-def trim_metrics_after(run_dir: Path, done: int) -> None:
+def trim_metrics_after(run_dir: Path, done: int, redo_final: bool = False) -> None:
     """Drop rows logged after a checkpoint of ``done`` iterations (the resumed run logs them again).
+
+    ``redo_final``: the checkpoint is the finished run's final one, saved *before* the final evaluation, so a resume
+    from it evaluates again: evaluation rows of step ``done`` are dropped too (a kill after the final evaluation had
+    logged its row but before the process exited left that row, and the resumed run's final evaluation repeated it).
 
     ``metrics.csv`` rows carry Lightning's ``step``: training rows of iteration ``i`` (0-based) have step ``i``,
     evaluation rows (``val/*``) after ``k`` iterations step ``k``; ``eval.jsonl`` rows carry ``iteration`` = ``k``.
@@ -172,7 +177,7 @@ def trim_metrics_after(run_dir: Path, done: int) -> None:
         with open(m, newline="") as f:
             reader = csv.DictReader(f)
             fields = list(reader.fieldnames or [])
-            rows = [r for r in reader if _keep_row(r, done)]
+            rows = [r for r in reader if _keep_row(r, done, redo_final)]
         if fields:
             _write_csv(m, fields, rows)
     e = run_dir / "eval.jsonl"
@@ -180,17 +185,18 @@ def trim_metrics_after(run_dir: Path, done: int) -> None:
         keep = []
         for line in e.read_text().splitlines():
             with contextlib.suppress(ValueError):
-                if int(json.loads(line).get("iteration", 0)) <= done:
+                it = int(json.loads(line).get("iteration", 0))
+                if it < done or (it == done and not redo_final):
                     keep.append(line)
         atomic_write_text(e, "".join(x + "\n" for x in keep))
 
 
-def _keep_row(row: dict, done: int) -> bool:
+def _keep_row(row: dict, done: int, redo_final: bool = False) -> bool:
     step = _step(row.get("step"))
     if step is None:
         return True
     is_eval = any(k and k.startswith("val/") and v not in (None, "") for k, v in row.items())
-    return step <= done if is_eval else step < done
+    return (step < done or (step == done and not redo_final)) if is_eval else step < done
 
 
 def _step(v: Any) -> int | None:
