@@ -234,3 +234,83 @@ def test_bad_input_is_one_line_exit_2(world, ckpts, tmp_path, capsys):
     shapes.configure_model()
     fails(["--ckpt", _save(shapes, tmp_path / "shapes.ckpt"), "--out", str(tmp_path / "o")], "shapes", "CLIP")
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------- flux (FLUX.1)
+FLUX_SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """A tiny random FluxPipeline world and a 1-iteration dmd2 fit on it (Euler chain: the pipeline draws the same
+    noise), its generator and EMA perturbed."""
+    from diffusers import FluxPipeline
+
+    d = tmp_path_factory.mktemp("export_flux")
+    FluxPipeline(**tiny.flux_pipeline_components()).save_pretrained(d / "flux")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    rc = main(["fit", "--method", "dmd2", "--world", "flux", "--world.path", str(d / "flux"), "--world.prompts",
+               str(d / "prompts.txt"), "--world.resolution", "16", "--world.max_sequence_length", str(FLUX_SEQ),
+               "--roles.rank", "2", "--method.transition", "euler", "--method.batch_size", "2",
+               "--trainer.max_steps", "1", "--trainer.eval_samples", "2", "--trainer.run_dir", str(d / "run"),
+               "--trainer.progress_bar", "false", "--rewards", "jpeg"])
+    assert rc == 0
+    m = load_checkpoint(str(d / "run" / "checkpoints" / "last.ckpt"))
+    _perturb(m, "generator", 1)
+    _perturb(m, "ema", 2)
+    return d, _save(m, d / "flux.ckpt")
+
+
+def _flux_call(pipe, fs):
+    """The exported README.md's snippet: seed torch's generator, sigmas, guidance_scale = the guidance embedding."""
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(SEED)
+    return pipe(PROMPTS, num_inference_steps=fs["num_inference_steps"], sigmas=fs["sigmas"],
+                guidance_scale=fs["guidance_scale"], height=fs["height"], width=fs["width"],
+                max_sequence_length=fs["max_sequence_length"], output_type="pt").images
+
+
+def test_flux_lora_and_merged_exports_reproduce_sample(flux, tmp_path):
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    d, ckpt = flux
+    out = tmp_path / "lora"
+    assert main(["export", "--ckpt", ckpt, "--out", str(out), "--role", "generator"]) == 0
+    fs = json.loads((out / "fewstep.json").read_text())
+    assert fs["pipeline"] == "FluxPipeline" and fs["role"] == "generator" and fs["format"] == "lora"
+    assert fs["guidance_scale"] == 3.5 and fs["transition"] == "euler" and fs["exact"] and fs["same_noise"]
+    text = (out / "README.md").read_text()
+    assert f"sigmas={fs['sigmas']}" in text and "guidance_scale=3.5" in text and "FluxPipeline" in text
+    pipe = FluxPipeline.from_pretrained(d / "flux", local_files_only=True)
+    pipe.load_lora_weights(out)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    assert not pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.shift == 1.0
+    theirs = _flux_call(pipe, fs)
+    ours = _ours(ckpt, role="generator")
+    assert torch.equal(pipe.scheduler.sigmas[:-1], torch.tensor(fs["sigmas"]))
+    diff = float((theirs - ours).abs().max())
+    print(f"flux lora export (euler): max |diffusers - fewstep-rl| = {diff:.3g}")
+    assert diff < TOL
+    assert float((ours - _ours(ckpt, role="teacher")).abs().max()) > 1e-2  # the LoRA matters
+    # --merge: a FluxPipeline directory DiffusionPipeline loads; the EMA (the default role)
+    out2 = tmp_path / "merged"
+    assert main(["export", "--ckpt", ckpt, "--out", str(out2), "--merge"]) == 0
+    fs2 = json.loads((out2 / "fewstep.json").read_text())
+    pipe2 = DiffusionPipeline.from_pretrained(out2, local_files_only=True)
+    assert type(pipe2).__name__ == "FluxPipeline" and fs2["role"] == "ema"
+    ema = _ours(ckpt)
+    diff2 = float((_flux_call(pipe2, fs2) - ema).abs().max())
+    print(f"flux merged export: max diff = {diff2:.3g}")
+    assert diff2 < TOL
+    assert float((ema - ours).abs().max()) > 1e-3  # two different roles
+
+
+def test_other_worlds_are_refused_naming_the_supported():
+    from types import SimpleNamespace
+
+    from fewstep_rl.cli import UsageError
+    from fewstep_rl.export import family_of
+
+    for name in ("flux2", "zimage", "qwen_image"):
+        with pytest.raises(UsageError, match=f"world '{name}' is not supported.*sd3, flux"):
+            family_of(SimpleNamespace(world=SimpleNamespace(name=name)))

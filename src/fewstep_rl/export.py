@@ -1,10 +1,10 @@
 """``fewstep-rl export --ckpt C --out DIR [--merge] [--role ema|generator]``: a trained generator as diffusers files.
 
-Two forms (issue 16, item 4), both for the ``sd3`` world:
+Two forms (issue 16, item 4), for the ``sd3`` (``StableDiffusion3Pipeline``) and ``flux`` (FLUX.1,
+``FluxPipeline``) worlds; what differs between them is one :class:`Family` row of :data:`FAMILIES`:
 
 * **LoRA** (default): ``DIR/pytorch_lora_weights.safetensors``, written by diffusers' own
-  ``StableDiffusion3Pipeline.save_lora_weights``, so ``pipe.load_lora_weights(DIR)`` on the world's base pipeline
-  reads it. The file holds the role's *whole* difference from the world's base: its adapter, plus the frozen fold
+  ``<Pipeline>.save_lora_weights``, so ``pipe.load_lora_weights(DIR)`` on the world's base pipeline reads it. The file holds the role's *whole* difference from the world's base: its adapter, plus the frozen fold
   adapters under it and the merge records folded into the base during training, stacked along the rank axis
   (``ΔW = Σ_k up_k·down_k`` exactly; rank = sum of the parts' ranks). peft's scale ``alpha/r`` is baked into
   ``lora_B`` and the file says ``lora_alpha = r`` (scale 1), so no alpha convention can differ. Both forms are
@@ -14,11 +14,18 @@ Two forms (issue 16, item 4), both for the ``sd3`` world:
   the world's ``dtype``), or the role's own transformer when roles are full copies (``roles.mode: full``;
   then this is the only form: a full copy has no LoRA).
 
-Both write ``DIR/scheduler/`` (a ``FlowMatchEulerDiscreteScheduler`` with ``shift = 1``, so the ``sigmas=`` passed
-to the pipeline are used as given, and ``stochastic_sampling`` for a ``cps(1)`` chain), ``DIR/fewstep.json`` (steps,
-sigmas, timesteps = 1000·σ, guidance 1, the chain, the role) and ``DIR/README.md`` with a plain-diffusers snippet.
+Both write ``DIR/scheduler/`` (a ``FlowMatchEulerDiscreteScheduler`` with ``shift = 1`` and, for FLUX, dynamic
+shifting off, so the ``sigmas=`` passed to the pipeline are used as given, and ``stochastic_sampling`` for a
+``cps(1)`` chain), ``DIR/fewstep.json`` (steps, sigmas, timesteps = 1000·σ, the pipeline's ``guidance_scale``, the
+chain, the role) and ``DIR/README.md`` with a plain-diffusers snippet. ``guidance_scale`` is 1 for sd3 (no CFG,
+``fewstep-rl sample``'s default) and ``world.guidance`` for flux: FLUX.1-dev's distilled guidance *embedding*, which
+fewstep-rl feeds to every pass (``FluxPipeline``'s ``true_cfg_scale`` stays 1: no CFG).
 With the world's dtype, on CPU and after ``torch.manual_seed(S)`` the snippet draws the noise ``fewstep-rl sample
---seed S`` draws (initial latents, then one re-noising draw per step, from one generator in the same order).
+--seed S`` draws: the initial latents (``FluxPipeline`` draws ``(B, C, h, w)`` and packs them, as our sampler draws
+``(C, h, w)`` per sample and packs inside the transformer call: the same numbers), then one re-noising draw per step,
+from one generator in the same order. The exception (``"same_noise": false``): ``FluxPipeline``'s
+``stochastic_sampling`` draws its re-noising noise in the packed token layout, ours is unpacked, so a flux
+``cps(1)`` export runs the same chain with differently arranged (equally distributed) noise.
 
 The sampler chain maps onto diffusers' ``FlowMatchEulerDiscreteScheduler`` exactly for ``euler``/``cps(0)``
 (deterministic) and ``cps(1)`` (``stochastic_sampling``: predict x̂0, re-noise with fresh noise). Other chains
@@ -27,9 +34,10 @@ The sampler chain maps onto diffusers' ``FlowMatchEulerDiscreteScheduler`` exact
 in ``fewstep.json`` (``"exact": false``), README.md and on stderr.
 
 Refused, one line, exit 2: toy2d (no diffusers model), shapes (one CLIP, no T5, no VAE:
-``StableDiffusion3Pipeline`` cannot encode its prompts or decode its samples), an sd3 directory without
-``text_encoder_2``/``text_encoder_3``/``vae``/``model_index.json`` (the pipeline would encode or decode differently
-from fewstep-rl), full-copy roles without ``--merge``, a role other than ``generator``/``ema``, a non-empty ``DIR``.
+``StableDiffusion3Pipeline`` cannot encode its prompts or decode its samples), the other worlds (``flux2``,
+``zimage``, ``qwen_image``: not yet), a world directory without the components its pipeline needs (:attr:`Family.need`;
+the pipeline would encode or decode differently from fewstep-rl), full-copy roles without ``--merge``, a role other
+than ``generator``/``ema``, a non-empty ``DIR``.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +63,55 @@ HELP = """usage: fewstep-rl export --ckpt C --out DIR [--merge] [--role ema|gene
 Writes the checkpoint's generator (default: the role `fewstep-rl sample` uses, the EMA when the method keeps one)
 for plain diffusers: a LoRA (DIR/pytorch_lora_weights.safetensors, for pipe.load_lora_weights on the world's base)
 or, with --merge, a whole pipeline directory (DiffusionPipeline.from_pretrained(DIR)); plus DIR/scheduler/,
-DIR/fewstep.json (steps, sigmas, guidance 1) and DIR/README.md (a snippet that generates with diffusers alone)."""
+DIR/fewstep.json (steps, sigmas, guidance) and DIR/README.md (a snippet that generates with diffusers alone).
+Worlds: sd3, flux."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one world's export needs from diffusers (a row of :data:`FAMILIES`).
+
+    Attributes:
+        pipeline: the diffusers pipeline class (its ``save_lora_weights`` writes the LoRA, the snippet loads it).
+        transformer: the diffusers transformer class (``--merge`` loads the base, adds ΔW, saves).
+        need: the world directory's entries the pipeline needs to encode and decode as fewstep-rl does.
+        scheduler: ``FlowMatchEulerDiscreteScheduler`` kwargs beyond ``shift = 1`` that make ``sigmas=`` exact.
+        embedded_guidance: the pipeline's ``guidance_scale`` is a distilled guidance *embedding* (``world.guidance``,
+            fed to every pass), not CFG; otherwise it is CFG and the export uses 1 (no CFG).
+        packed_renoise: the pipeline's ``stochastic_sampling`` re-noise draws come in the packed token layout.
+    """
+
+    pipeline: str
+    transformer: str
+    need: tuple[str, ...]
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    embedded_guidance: bool = False
+    packed_renoise: bool = False
+
+
+#: The exportable worlds.
+FAMILIES: dict[str, Family] = {
+    "sd3": Family("StableDiffusion3Pipeline", "SD3Transformer2DModel",
+                  ("model_index.json", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "vae")),
+    "flux": Family("FluxPipeline", "FluxTransformer2DModel",
+                   ("model_index.json", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"),
+                   scheduler={"use_dynamic_shifting": False}, embedded_guidance=True, packed_renoise=True),
+}
+
+
+def family_of(method: Any) -> Family:
+    """The :class:`Family` of the method's world (one-line error for the others)."""
+    name = getattr(method.world, "name", "?")
+    if name not in FAMILIES:
+        raise UsageError(f"export: world {name!r} is not supported (export supports the worlds "
+                         f"{', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def _diffusers(name: str) -> Any:
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 @dataclass
@@ -66,10 +122,14 @@ class FewStep:
         num_inference_steps: K.
         sigmas: the K levels the pipeline gets as ``sigmas=`` (the σ grid without its final 0).
         timesteps: ``1000·σ``, what the transformer sees.
-        guidance_scale: 1 (few-step generators sample without CFG; ``fewstep-rl sample``'s default).
+        guidance_scale: the pipeline's ``guidance_scale``: 1 where it is CFG (few-step generators sample without CFG;
+            ``fewstep-rl sample``'s default), ``world.guidance`` where it is a guidance embedding (FLUX.1).
         transition: the chain fewstep-rl samples with (``euler``, ``cps(1)`` …).
         stochastic_sampling: the scheduler flag that reproduces it (re-noise with fresh noise at each step).
         exact: whether the diffusers scheduler runs the same chain.
+        same_noise: whether, after ``torch.manual_seed(S)``, the pipeline draws the noise ``fewstep-rl sample --seed
+            S`` draws (false for FLUX's packed ``stochastic_sampling`` re-noising).
+        pipeline: the diffusers pipeline class.
         height, width: image side in pixels (``world.resolution``).
         max_sequence_length: T5 tokens per prompt (``world.max_sequence_length``).
         dtype: the dtype fewstep-rl ran the world in (``world.dtype``).
@@ -82,6 +142,8 @@ class FewStep:
     transition: str
     stochastic_sampling: bool
     exact: bool
+    same_noise: bool
+    pipeline: str
     height: int
     width: int
     max_sequence_length: int
@@ -102,7 +164,7 @@ def scheduler_flags(transition: Any) -> tuple[bool, bool]:
     return False, False
 
 
-def few_step(method: Any) -> FewStep:
+def few_step(method: Any, fam: Family) -> FewStep:
     """The sampling recipe ``fewstep-rl sample`` uses for this method and world (its defaults: no ``--steps``)."""
     sig = method.sampling_sigmas().float()
     if float(sig[-1]) != 0.0 or not bool((sig[1:] < sig[:-1]).all()):
@@ -113,7 +175,9 @@ def few_step(method: Any) -> FewStep:
     cfg = method.world.cfg
     return FewStep(
         num_inference_steps=len(levels), sigmas=levels, timesteps=[_short(1000 * x) for x in sig[:-1].tolist()],
-        guidance_scale=1.0, transition=str(tr), stochastic_sampling=stochastic, exact=exact,
+        guidance_scale=float(cfg.guidance) if fam.embedded_guidance else 1.0, transition=str(tr),
+        stochastic_sampling=stochastic, exact=exact, same_noise=not (stochastic and fam.packed_renoise),
+        pipeline=fam.pipeline,
         height=int(cfg.resolution), width=int(cfg.resolution), max_sequence_length=int(cfg.max_sequence_length),
         dtype=str(cfg.dtype),
     )
@@ -163,26 +227,23 @@ def lora_state_dict(factors: dict[str, tuple[Tensor, Tensor]]) -> tuple[dict[str
 
 
 # ------------------------------------------------------------------------------------------- checks
-def check_world(method: Any) -> Path:
-    """The world's diffusers directory, when StableDiffusion3Pipeline can run this world as fewstep-rl does."""
+def check_world(method: Any) -> tuple[Path, Family]:
+    """The world's diffusers directory and family, when its pipeline can run this world as fewstep-rl does."""
     name = getattr(method.world, "name", "?")
     if name == "toy2d":
         raise UsageError("export: the toy2d world is an analytic 2-D model with no diffusers counterpart; nothing to "
-                         "export (export writes SD3 diffusers files for the sd3 world)")
+                         f"export (export supports the worlds {', '.join(FAMILIES)})")
     if name == "shapes":
         raise UsageError("export: the shapes world is a 16-pixel SD3 transformer with one CLIP text encoder, no T5 and "
                          "no VAE; StableDiffusion3Pipeline cannot encode its prompts or decode its samples, so plain "
-                         "diffusers cannot reproduce it (export supports the sd3 world)")
-    if name != "sd3":
-        raise UsageError(f"export: world {name!r} is not supported (export writes SD3 diffusers files for the sd3 "
-                         "world)")
+                         f"diffusers cannot reproduce it (export supports the worlds {', '.join(FAMILIES)})")
+    fam = family_of(method)
     root = Path(method.world.dir)
-    need = ["model_index.json", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "vae"]
-    missing = [n for n in need if not (root / n).exists()]
+    missing = [n for n in fam.need if not (root / n).exists()]
     if missing:
-        raise UsageError(f"export: the world directory {root} lacks {', '.join(missing)}; StableDiffusion3Pipeline "
-                         "needs two CLIP encoders, T5 and a VAE to encode and decode as fewstep-rl does")
-    return root
+        raise UsageError(f"export: the world directory {root} lacks {', '.join(missing)}; {fam.pipeline} needs "
+                         f"{', '.join(fam.need)} to encode and decode as fewstep-rl does")
+    return root, fam
 
 
 def _role(method: Any, role: str | None) -> str:
@@ -204,30 +265,27 @@ def _fresh_dir(out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def write_scheduler(out: Path, fs: FewStep) -> None:
-    """``out/scheduler``: Euler (or ``stochastic_sampling``) with ``shift = 1`` so ``sigmas=`` is used as given."""
+def write_scheduler(out: Path, fs: FewStep, fam: Family) -> None:
+    """``out/scheduler``: Euler (or ``stochastic_sampling``) with ``shift = 1`` (and the family's kwargs, FLUX:
+    dynamic shifting off) so ``sigmas=`` is used as given."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0,
-                                    stochastic_sampling=fs.stochastic_sampling).save_pretrained(out / "scheduler")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, stochastic_sampling=fs.stochastic_sampling,
+                                    **fam.scheduler).save_pretrained(out / "scheduler")
 
 
-def write_lora(out: Path, factors: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Any]:
-    """``out/pytorch_lora_weights.safetensors`` through diffusers' ``save_lora_weights``; returns its LoraConfig."""
-    from diffusers import StableDiffusion3Pipeline
-
+def write_lora(out: Path, factors: dict[str, tuple[Tensor, Tensor]], fam: Family) -> dict[str, Any]:
+    """``out/pytorch_lora_weights.safetensors`` through the pipeline's ``save_lora_weights``; returns its LoraConfig."""
     sd, meta = lora_state_dict(factors)
-    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=sd, weight_name=LORA_FILE,
+    _diffusers(fam.pipeline).save_lora_weights(out, transformer_lora_layers=sd, weight_name=LORA_FILE,
                                                transformer_lora_adapter_metadata=meta)
     return meta
 
 
 @torch.no_grad()
 def write_merged(out: Path, world_dir: Path, weights: dict[str, tuple[Tensor, Tensor]] | nn.Module,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, fam: Family) -> None:
     """A pipeline directory: the world's components copied, ``transformer/`` = the role, scheduler set by the caller."""
-    from diffusers import SD3Transformer2DModel
-
     for entry in sorted(world_dir.iterdir()):
         if entry.name in ("transformer", "scheduler", "model_index.json"):
             continue
@@ -241,7 +299,7 @@ def write_merged(out: Path, world_dir: Path, weights: dict[str, tuple[Tensor, Te
     if isinstance(weights, nn.Module):
         weights.save_pretrained(out / "transformer")
         return
-    model = SD3Transformer2DModel.from_pretrained(world_dir / "transformer", local_files_only=True)
+    model = _diffusers(fam.transformer).from_pretrained(world_dir / "transformer", local_files_only=True)
     for path, (up, down) in weights.items():
         w = model.get_submodule(path).weight
         w.copy_((w.double() + up.double() @ down.double()).to(w.dtype))
@@ -251,31 +309,43 @@ def write_merged(out: Path, world_dir: Path, weights: dict[str, tuple[Tensor, Te
 def readme(fs: FewStep, meta: dict[str, Any], out: Path, world_dir: Path | None) -> str:
     """``DIR/README.md``: what was exported and a snippet that generates with plain diffusers."""
     dt = "" if fs.dtype == "float32" else f", torch_dtype=torch.{fs.dtype}"
+    pipe_cls = fs.pipeline
     if world_dir is None:
         load = [f'pipe = DiffusionPipeline.from_pretrained("{out}"{dt})']
         imports = "from diffusers import DiffusionPipeline"
-        what = "a merged StableDiffusion3Pipeline directory"
+        what = f"a merged {pipe_cls} directory"
     else:
-        load = [f'pipe = StableDiffusion3Pipeline.from_pretrained("{world_dir}"{dt})',
+        load = [f'pipe = {pipe_cls}.from_pretrained("{world_dir}"{dt})',
                 f'pipe.load_lora_weights("{out}")',
                 f'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{out}", subfolder="scheduler")']
-        imports = "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline"
+        imports = f"from diffusers import FlowMatchEulerDiscreteScheduler, {pipe_cls}"
         what = f"a LoRA (rank {meta['lora']['r']}, scale 1) for the base pipeline in {world_dir}"
     chain = (f"fewstep-rl samples with the `{fs.transition}` chain, which diffusers' FlowMatchEulerDiscreteScheduler "
              "reproduces exactly" if fs.exact else
              f"fewstep-rl samples with the `{fs.transition}` chain, which no diffusers scheduler implements: this "
              f"scheduler uses the nearest ({'stochastic_sampling' if fs.stochastic_sampling else 'Euler'}), so "
              "samples differ from `fewstep-rl sample`")
+    if pipe_cls == "FluxPipeline":
+        guidance = (f"with FLUX.1's distilled guidance embedding {fs.guidance_scale} (`guidance_scale`, an input of "
+                    "every pass, as in training) and no CFG (`true_cfg_scale` 1)")
+    else:
+        guidance = "without CFG (guidance 1)"
+    seed = ("torch.manual_seed(0)  # on CPU: the noise of `fewstep-rl sample --seed 0`" if fs.same_noise else
+            "torch.manual_seed(0)  # same initial latents as `fewstep-rl sample --seed 0`; re-noising differs (below)")
+    noise = ("" if fs.same_noise else
+             " The pipeline's stochastic_sampling draws its re-noising noise in the packed token layout (fewstep-rl "
+             "draws it unpacked), so the same seed gives the same chain with differently arranged noise: samples are "
+             "equally distributed, not identical to `fewstep-rl sample`'s.")
     lines = [
         f"# Few-step generator exported by fewstep-rl ({meta['method']}, role `{meta['role']}`)", "",
         f"From `{meta['checkpoint']}` ({meta['generator_updates']} generator updates): {what}. It samples in "
-        f"{fs.num_inference_steps} steps at sigmas {fs.sigmas} (timesteps {fs.timesteps}) without CFG "
-        f"(guidance 1); {chain}. `scheduler/` has shift 1 (the sigmas are used as given)"
-        + (" and stochastic_sampling" if fs.stochastic_sampling else "") + "; `fewstep.json` holds these values.", "",
-        "```python", "import torch", imports, "", *load,
-        "torch.manual_seed(0)  # on CPU: the noise of `fewstep-rl sample --seed 0`",
+        f"{fs.num_inference_steps} steps at sigmas {fs.sigmas} (timesteps {fs.timesteps}) {guidance}; {chain}. "
+        "`scheduler/` has shift 1" + (" and dynamic shifting off" if pipe_cls == "FluxPipeline" else "")
+        + " (the sigmas are used as given)" + (" and stochastic_sampling" if fs.stochastic_sampling else "")
+        + f"; `fewstep.json` holds these values.{noise}", "",
+        "```python", "import torch", imports, "", *load, seed,
         f'image = pipe("a prompt", num_inference_steps={fs.num_inference_steps}, sigmas={fs.sigmas}, '
-        f"guidance_scale=1.0,", f"             height={fs.height}, width={fs.width}, "
+        f"guidance_scale={fs.guidance_scale},", f"             height={fs.height}, width={fs.width}, "
         f"max_sequence_length={fs.max_sequence_length}).images[0]", "```", "",
     ]
     return "\n".join(lines)
@@ -287,13 +357,13 @@ def export(ckpt: str, out: str | Path, merge: bool = False, role: str | None = N
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"export: --out {out} exists and is not an empty directory")
     method = load_checkpoint(ckpt)
-    world_dir = check_world(method)
+    world_dir, fam = check_world(method)
     role = _role(method, role)
     weights = role_weights(method.backbone, role)
     if isinstance(weights, nn.Module) and not merge:
         raise UsageError("export: the roles are full copies (roles.mode: full), so there is no LoRA to write; "
                          "add --merge to export the role's whole transformer as a pipeline directory")
-    fs = few_step(method)
+    fs = few_step(method, fam)
     meta: dict[str, Any] = {"format": "merged" if merge else "lora", "method": method.name, "role": role,
                             "checkpoint": str(Path(ckpt).resolve()),
                             "generator_updates": int(method.updates.get("generator", 0)),
@@ -301,11 +371,11 @@ def export(ckpt: str, out: str | Path, merge: bool = False, role: str | None = N
     tmp = _fresh_dir(out)
     try:
         if merge:
-            write_merged(tmp, world_dir, weights, getattr(torch, fs.dtype))
+            write_merged(tmp, world_dir, weights, getattr(torch, fs.dtype), fam)
         else:
-            cfg = write_lora(tmp, weights)  # type: ignore[arg-type]
+            cfg = write_lora(tmp, weights, fam)  # type: ignore[arg-type]
             meta["lora"] = {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "weight_name": LORA_FILE}
-        write_scheduler(tmp, fs)
+        write_scheduler(tmp, fs, fam)
         final = out.resolve()
         (tmp / "fewstep.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(readme(fs, meta, final, None if merge else world_dir.resolve()))
@@ -318,6 +388,9 @@ def export(ckpt: str, out: str | Path, merge: bool = False, role: str | None = N
     if not fs.exact:
         print(f"note: the {fs.transition} chain has no diffusers scheduler; {out}/scheduler uses the nearest "
               f"({'stochastic_sampling' if fs.stochastic_sampling else 'Euler'})", file=sys.stderr)
+    if not fs.same_noise:
+        print(f"note: {fs.pipeline}'s stochastic_sampling draws its re-noising noise in the packed token layout, so "
+              f"{out} samples the same chain as `fewstep-rl sample` with differently arranged noise", file=sys.stderr)
     return meta
 
 
@@ -340,4 +413,4 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["FewStep", "cmd_export", "export", "few_step", "lora_state_dict", "role_weights", "scheduler_flags"]
+__all__ = ["FAMILIES", "Family", "FewStep", "cmd_export", "export", "few_step", "lora_state_dict", "role_weights", "scheduler_flags"]
