@@ -305,6 +305,19 @@ def test_flux_lora_and_merged_exports_reproduce_sample(flux, tmp_path):
     assert float((ema - ours).abs().max()) > 1e-3  # two different roles
 
 
+def test_flux_stochastic_chain_says_its_renoising_noise_differs(flux, tmp_path, capsys):
+    """cps(1) maps onto stochastic_sampling (the same chain), but FluxPipeline draws that noise packed: flagged."""
+    d, ckpt = flux
+    m = _rebuilt(ckpt, "method", "transition", "cps(1)")
+    _perturb(m, "ema", 6)
+    out = tmp_path / "cps1"
+    assert main(["export", "--ckpt", _save(m, tmp_path / "cps1.ckpt"), "--out", str(out)]) == 0
+    fs = json.loads((out / "fewstep.json").read_text())
+    assert fs["exact"] and fs["stochastic_sampling"] and not fs["same_noise"]
+    assert "packed token layout" in capsys.readouterr().err
+    assert "re-noising differs" in (out / "README.md").read_text()
+
+
 def test_other_worlds_are_refused_naming_the_supported():
     from types import SimpleNamespace
 
