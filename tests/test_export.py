@@ -318,12 +318,24 @@ def test_flux_stochastic_chain_says_its_renoising_noise_differs(flux, tmp_path, 
     assert "re-noising differs" in (out / "README.md").read_text()
 
 
-def test_other_worlds_are_refused_naming_the_supported():
+def test_other_worlds_are_refused_naming_the_supported(tmp_path, capsys):
     from types import SimpleNamespace
 
     from fewstep_rl.cli import UsageError
     from fewstep_rl.export import family_of
+    from fewstep_rl.testing import cases
 
-    for name in ("flux2", "zimage", "qwen_image"):
+    d = cases._flux2_prepare(tmp_path)
+    (tmp_path / "p.txt").write_text("a red cube\n")
+    over = {"world.path": str(d), "world.prompts": str(tmp_path / "p.txt"), "world.resolution": 16,
+            "world.max_sequence_length": cases.FLUX2_SEQ, "world.text_layers": list(cases.FLUX2_LAYERS),
+            "roles.rank": 2}
+    m = build_method(resolve("dmd2", "flux2", overrides=over, use_preset=False))
+    m.configure_model()
+    assert main(["export", "--ckpt", _save(m, tmp_path / "flux2.ckpt"), "--out", str(tmp_path / "o")]) == 2
+    err = _errors(capsys)
+    assert "world 'flux2' is not supported" in err and "sd3, flux" in err
+    assert not (tmp_path / "o").exists()
+    for name in ("zimage", "qwen_image"):
         with pytest.raises(UsageError, match=f"world '{name}' is not supported.*sd3, flux"):
             family_of(SimpleNamespace(world=SimpleNamespace(name=name)))
