@@ -72,11 +72,10 @@ def hps_hpsv2(d: Path, case: dict, a: dict, out: dict) -> list[float]:
 
 def imagereward(d: Path, case: dict, a: dict, out: dict) -> list[float]:
     """image-reward: ``ImageReward.utils.load`` on the local files; the package's ``score_gard`` path."""
-    from transformers import BertTokenizer
-
     import ImageReward.models.BLIP.blip_pretrain as bp
     from ImageReward.models.BLIP.vit import VisionTransformer
     from ImageReward.utils import load
+    from transformers import BertTokenizer
 
     vocab = str(d / case["vocab"])
 
@@ -109,7 +108,6 @@ def aesthetic_clip(d: Path, case: dict, a: dict, out: dict) -> list[float]:
     AestheticScore, from improved-aesthetic-predictor), score = MLP(F.normalize(encode_image(x)))."""
     import clip.model
     import torch.nn.functional as F
-
     from ImageReward.models.AestheticScore import MLP
 
     sd = torch.load(d / case["clip_openai"], map_location="cpu")
