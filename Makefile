@@ -42,7 +42,7 @@ test-faults: install ## fault injection: kill -9/SIGINT/SIGTERM + resume bit-exa
 
 # The reference reward packages (open_clip_torch, hpsv2, image-reward, OpenAI clip) need torchvision, which does not
 # import beside the CPU torch 2.13.0 above: they get their own interpreter (.venv-parity, torch 2.14.1 + torchvision
-# 0.29.1 from this machine's disk, ~9 GB). The test writes checkpoints, inputs and our scores to files; the reference
+# 0.29.1 from this machine's disk: 6.0 GB, ~4 min). The test writes checkpoints, inputs and our scores to files; the reference
 # interpreter scores them with the packages' own code (tests/reward_parity_ref.py).
 PARITY_VENV ?= .venv-parity
 $(PARITY_VENV)/packages: tests/reward_parity_env.sh

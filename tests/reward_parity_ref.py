@@ -146,12 +146,13 @@ def main() -> int:
             out["scores"][f"{case}/{package}"] = fn(d, cases[case], dict(np.load(d / f"{case}.npz")), out)
         except Exception:  # noqa: BLE001 - recorded and turned into a non-zero exit below
             out["errors"][f"{case}/{package}"] = traceback.format_exc()
-    for mod in ("open_clip", "hpsv2", "ImageReward", "clip", "transformers", "timm", "torchvision"):
+    from importlib import metadata
+
+    for dist in ("open_clip_torch", "hpsv2", "image-reward", "openai-clip", "transformers", "timm", "torchvision"):
         try:
-            m = __import__(mod)
-            out["versions"][mod] = getattr(m, "__version__", "?")
-        except Exception as e:  # noqa: BLE001
-            out["versions"][mod] = f"not importable: {type(e).__name__}"
+            out["versions"][dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out["versions"][dist] = "not installed"
     (d / "reference.json").write_text(json.dumps(out, indent=1))
     for k, e in out["errors"].items():
         sys.stderr.write(f"--- {k}\n{e}\n")
