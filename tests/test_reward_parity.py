@@ -196,8 +196,8 @@ def parity(tmp_path_factory):
 # (case, reference, the packages it needs); aesthetic: OpenAI clip's CLIP + the predictor MLP shipped in image-reward.
 # `make reward-parity` lists the installed packages in PARITY_PACKAGES (it prints why any other is left out).
 ALL_CHECKS = [("hpsv2", "open_clip", ["open_clip"]), ("hpsv21", "open_clip", ["open_clip"]),
-          ("hpsv2", "hpsv2", ["hpsv2"]), ("hpsv21", "hpsv2", ["hpsv2"]),
-          ("imagereward", "image_reward", ["image_reward"]), ("aesthetic", "clip", ["clip", "image_reward"])]
+              ("hpsv2", "hpsv2", ["hpsv2"]), ("hpsv21", "hpsv2", ["hpsv2"]),
+              ("imagereward", "image_reward", ["image_reward"]), ("aesthetic", "clip", ["clip", "image_reward"])]
 CHECKS = [c for c in ALL_CHECKS if set(c[2]) <= set(_packages())]
 
 
