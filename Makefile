@@ -8,7 +8,7 @@ EXTRAS ?= dev,diffusers,logging,ocr
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults compare-toy2d compare-shapes bench-scale
+.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults compare-toy2d compare-shapes bench-scale reward-parity
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,18 @@ test-slow: install ## run only the slow tests
 
 test-faults: install ## fault injection: kill -9/SIGINT/SIGTERM + resume bit-exact, bad checkpoints/rewards/inputs (< 10 min)
 	$(PY) -m pytest -q -m faults tests/test_faults.py
+
+# The reference reward packages (open_clip_torch, hpsv2, image-reward, OpenAI clip) need torchvision, which does not
+# import beside the CPU torch 2.13.0 above: they get their own interpreter (.venv-parity, torch 2.14.1 + torchvision
+# 0.29.1 from this machine's disk: 6.0 GB, ~4 min). The test writes checkpoints, inputs and our scores to files; the reference
+# interpreter scores them with the packages' own code (tests/reward_parity_ref.py).
+PARITY_VENV ?= .venv-parity
+$(PARITY_VENV)/packages: tests/reward_parity_env.sh
+	tests/reward_parity_env.sh $(PARITY_VENV)
+
+reward-parity: install $(PARITY_VENV)/packages ## slow: HPSv2/2.1, ImageReward, aesthetic scores vs the reference packages
+	PARITY_PYTHON=$(PARITY_VENV)/bin/python PARITY_PACKAGES=$$(cat $(PARITY_VENV)/packages) \
+	  $(PY) -m pytest -q -s -m parity tests/test_reward_parity.py
 
 lint: install ## ruff + import-linter layer contracts
 	$(VENV)/bin/ruff check src methods rewards tests benchmarks
@@ -72,5 +84,5 @@ compare-toy2d: install ## every reward-driven method side by side on toy2d (repo
 compare-shapes: install ## seven methods on shapes, proxy reward, gold judge, equal wall budget (< 90 min on 2 cores)
 	$(VENV)/bin/fewstep-rl compare configs/compare/shapes.yaml --jobs 2
 
-clean: ## remove the virtualenv and run outputs
-	rm -rf $(VENV) runs .pytest_cache
+clean: ## remove the virtualenvs and run outputs
+	rm -rf $(VENV) $(PARITY_VENV) runs .pytest_cache
