@@ -53,7 +53,7 @@ def max_diff(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]])
 
 def ranks_in_sync(records: list[dict[str, Any]]) -> dict[str, float]:
     """Largest per-role difference of any rank from rank 0 (0.0 when the ranks are in sync)."""
-    worst = {role: 0.0 for role in records[0]["weights"]}
+    worst = dict.fromkeys(records[0]["weights"], 0.0)
     for rec in records[1:]:
         for role, d in max_diff(records[0]["weights"], rec["weights"]).items():
             worst[role] = max(worst[role], d)
