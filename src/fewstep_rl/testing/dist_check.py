@@ -3,12 +3,16 @@
 Run as a script (Lightning's subprocess launcher re-executes it for every rank)::
 
     python -m fewstep_rl.testing.dist_check --strategy ddp|fsdp2|single --out DIR [--method dmd2] [--steps 4]
-        [--replicate] [--set KEY=VALUE ...]
+        [--replicate] [--set KEY=VALUE ...] [--interrupt-after K] [--ckpt-path CKPT]
 
 Each rank writes ``DIR/rank<r>.json`` (per role: sum and sum of squares of the *full* parameters — gathered from
 shards under FSDP2 — and the tensor type of the first local parameter) and ``DIR/rank<r>.pt`` (the full role
 tensors, and the trace of every :func:`fewstep_rl.distributed.over_ranks` call: local inputs, gathered inputs and
 whole-batch result).
+
+``--interrupt-after K`` stops after K iterations as if killed (the run length, and so every schedule, stays
+``--steps``); ``DIR/last.ckpt`` is written at the end of every run (a sharded directory under FSDP2) and
+``--ckpt-path`` resumes from one.
 
 ``--replicate`` gives every rank the batch and the noise streams of rank 0 of a one-process run (prompt stream at
 rank 0 of world 1, :meth:`FewStepMethod.rng` keyed on rank 0). The global batch is then rank 0's batch twice, and a
@@ -64,6 +68,15 @@ class Checksums(L.Callback):
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
+class Interrupt(L.Callback):
+    def __init__(self, after: int | None) -> None:
+        self.after = after
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.after is not None and int(batch["pos"]) + 1 >= self.after:
+            trainer.should_stop = True
+
+
 def replicate_rank0(module: Any, dm: Any) -> None:
     """Make every rank draw the prompts and the per-rank noise of rank 0 of a one-process run (see module doc)."""
 
@@ -96,6 +109,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--replicate", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--interrupt-after", type=int, default=None)
+    ap.add_argument("--ckpt-path", default=None)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,10 +119,11 @@ def main() -> None:
     over = {**TINY, "trainer.devices": 1 if single else 2, "trainer.strategy": "auto" if single else args.strategy,
             "trainer.accelerator": "cpu", "trainer.max_steps": args.steps, "trainer.run_dir": str(out), **extra}
     distributed.TRACE = []
-    module, dm, trainer = assemble(resolve(args.method, "toy2d", (), over), out, [Checksums(out)], run_callback=False)
+    module, dm, trainer = assemble(resolve(args.method, "toy2d", (), over), out,
+                                  [Interrupt(args.interrupt_after), Checksums(out)], run_callback=False)
     if args.replicate:
         replicate_rank0(module, dm)
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=args.ckpt_path)
     trainer.save_checkpoint(out / "last.ckpt", weights_only=False)
 
 

@@ -28,14 +28,21 @@ _DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "
 
 
 def run_dist(method: str, strategy: str, out: Path, steps: int = 3, replicate: bool = False,
-             overrides: dict[str, Any] | None = None, timeout: int = 300) -> list[dict[str, Any]]:
-    """Run ``dist_check`` (``strategy`` = ddp | fsdp2 on 2 processes, or single) and load every rank's record."""
+             overrides: dict[str, Any] | None = None, timeout: int = 300, interrupt_after: int | None = None,
+             ckpt_path: str | None = None) -> list[dict[str, Any]]:
+    """Run ``dist_check`` (``strategy`` = ddp | fsdp2 on 2 processes, or single) and load every rank's record;
+    ``interrupt_after`` / ``ckpt_path``: stop as if killed after k iterations / resume from a checkpoint
+    (``out/last.ckpt`` of an earlier run)."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "fewstep_rl.testing.dist_check", "--strategy", strategy, "--out", str(out),
            "--method", method, "--steps", str(steps)]
     if replicate:
         cmd.append("--replicate")
+    if interrupt_after is not None:
+        cmd += ["--interrupt-after", str(interrupt_after)]
+    if ckpt_path is not None:
+        cmd += ["--ckpt-path", str(ckpt_path)]
     for k, v in (overrides or {}).items():
         cmd += ["--set", f"{k}={v}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
