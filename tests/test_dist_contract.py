@@ -105,3 +105,4 @@ def test_resume_equals_uninterrupted(strategy, tmp_path):
     assert resumed[0]["iteration"] == full[0]["iteration"] and resumed[0]["updates"] == full[0]["updates"]
     d = max_diff(full[0]["weights"], resumed[0]["weights"])
     assert max(d.values()) == 0.0, d
+    assert resumed[0]["groups"] == full[0]["groups"]  # learning rates (and their schedule base) restored too

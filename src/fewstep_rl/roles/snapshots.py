@@ -62,14 +62,14 @@ def blend_role(backbone: Backbone, dst: str, src: str, decay: float) -> None:
 
 
 def _params(backbone: Backbone, name: str) -> list[torch.Tensor]:
-    _reshard(backbone)
+    reshard(backbone)
     params = backbone.role_parameters(name)
     if not params:
         raise KeyError(f"role {name!r} has no parameters; roles: {backbone.roles}")
     return params
 
 
-def _reshard(backbone: Backbone) -> None:
+def reshard(backbone: Backbone) -> None:
     """Under FSDP2, put every sharded module of ``backbone`` back in its sharded state first.
 
     FSDP2 leaves the module used last in a forward (the root in particular) unsharded: its parameters are then

@@ -48,9 +48,29 @@ def full_roles(module: Any) -> dict[str, list[torch.Tensor]]:
     return out
 
 
+def optimizer_shards(trainer: L.Trainer) -> list[list[dict[str, Any]]]:
+    """This rank's optimiser state (local shards), per optimiser and parameter."""
+    out = []
+    for opt in trainer.optimizers:
+        out.append([{k: (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().clone()
+                     for k, v in opt.state.get(p, {}).items()} for g in opt.param_groups for p in g["params"]])
+    return out
+
+
+def groups(trainer: L.Trainer) -> list[list[dict[str, Any]]]:
+    """Every optimiser's param-group hyperparameters (without the parameters)."""
+    return [[{k: repr(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            for opt in trainer.optimizers]
+
+
 class Checksums(L.Callback):
     def __init__(self, out: Path) -> None:
-        self.out = out
+        self.out, self.start = out, None
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        self.start = full_roles(module)  # after a resume: the weights as loaded
+        self.start_opt, self.start_groups = optimizer_shards(trainer), groups(trainer)
+
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         full = full_roles(module)
@@ -64,7 +84,9 @@ class Checksums(L.Callback):
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "roles": roles,
                   "iteration": module.iteration, "updates": module.updates}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
-        torch.save({**record, "weights": full, "trace": distributed.TRACE or []},
+        torch.save({**record, "weights": full, "start_weights": self.start,
+                    "start_opt": self.start_opt, "opt": optimizer_shards(trainer),
+                    "start_groups": self.start_groups, "groups": groups(trainer), "trace": distributed.TRACE or []},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 

@@ -48,7 +48,7 @@ def run_dist(method: str, strategy: str, out: Path, steps: int = 3, replicate: b
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{method} under {strategy} failed:\n{proc.stderr[-4000:]}")
-    ranks = 1 if strategy == "single" else 2
+    ranks = len(list(Path(out).glob("rank*.pt")))
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
 
 
