@@ -106,3 +106,21 @@ def test_resume_equals_uninterrupted(strategy, tmp_path):
     d = max_diff(full[0]["weights"], resumed[0]["weights"])
     assert max(d.values()) == 0.0, d
     assert resumed[0]["groups"] == full[0]["groups"]  # learning rates (and their schedule base) restored too
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_fsdp2_resume_on_another_number_of_processes(before, after, tmp_path):
+    """A sharded checkpoint written by ``before`` processes resumes on ``after`` (DCP reshards): the weights and
+    learning rates load exactly and training continues. (The continuation is not compared with the uninterrupted
+    run: with per-rank streams a different world size draws a different global batch.)"""
+    part = run_dist(RESUME_METHOD, "fsdp2", tmp_path / "part", steps=4, interrupt_after=2,
+                    overrides={"trainer.devices": before})
+    resumed = run_dist(RESUME_METHOD, "fsdp2", tmp_path / "resumed", steps=4, ckpt_path=tmp_path / "part" / "last.ckpt",
+                       overrides={"trainer.devices": after})
+    assert len(part) == before and len(resumed) == after
+    d = max_diff(part[0]["weights"], resumed[0]["start_weights"])
+    assert max(d.values()) == 0.0, d
+    assert resumed[0]["start_groups"] == part[0]["groups"]
+    assert resumed[0]["iteration"] == 3 and resumed[0]["updates"]["fake_score"] > part[0]["updates"]["fake_score"]
