@@ -35,7 +35,7 @@ import torch
 from fewstep_rl import distributed
 from fewstep_rl.run import assemble, resolve
 from fewstep_rl.sampling.noise import stable_hash
-from fewstep_rl.testing.contract import TINY
+from fewstep_rl.testing.contract import TINY_BY_WORLD
 
 
 def full_roles(module: Any) -> dict[str, list[torch.Tensor]]:
@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--strategy", choices=["ddp", "fsdp2", "single"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--method", default="dmd2")
+    ap.add_argument("--world", default="toy2d")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--replicate", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -138,10 +139,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     single = args.strategy == "single"
     extra = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
-    over = {**TINY, "trainer.devices": 1 if single else 2, "trainer.strategy": "auto" if single else args.strategy,
+    over = {**TINY_BY_WORLD.get(args.world, {}), "trainer.devices": 1 if single else 2, "trainer.strategy": "auto" if single else args.strategy,
             "trainer.accelerator": "cpu", "trainer.max_steps": args.steps, "trainer.run_dir": str(out), **extra}
     distributed.TRACE = []
-    module, dm, trainer = assemble(resolve(args.method, "toy2d", (), over), out,
+    module, dm, trainer = assemble(resolve(args.method, args.world, (), over), out,
                                   [Interrupt(args.interrupt_after), Checksums(out)], run_callback=False)
     if args.replicate:
         replicate_rank0(module, dm)
