@@ -8,7 +8,7 @@ EXTRAS ?= dev,diffusers,logging,ocr
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults compare-toy2d compare-shapes bench-scale reward-parity
+.PHONY: help install demo test test-slow lint bench smoke-cuda clean validate test-faults test-dist compare-toy2d compare-shapes bench-scale reward-parity
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test: install ## run the test suite (slow tests excluded)
 
 test-slow: install ## run only the slow tests
 	$(PY) -m pytest -q -m slow
+
+test-dist: install ## distributed contract: every method under ddp/fsdp2 on 2 CPU processes vs 1 process (~20 min)
+	$(PY) -m pytest -q -m dist tests/test_dist_contract.py
 
 test-faults: install ## fault injection: kill -9/SIGINT/SIGTERM + resume bit-exact, bad checkpoints/rewards/inputs (< 10 min)
 	$(PY) -m pytest -q -m faults tests/test_faults.py

@@ -15,6 +15,10 @@ from typing import Any
 
 from torch import Tensor
 
+TRACE: list[dict[str, Any]] | None = None
+"""When a list (set by :mod:`fewstep_rl.testing.dist_check`), every :func:`over_ranks` call appends its local inputs,
+gathered inputs and whole-batch result (detached CPU copies) — the distributed contract compares them across ranks."""
+
 
 def world_size(module: Any) -> int:
     """Number of data-parallel ranks of a LightningModule (1 when it is not attached to a Trainer)."""
@@ -36,8 +40,12 @@ def over_ranks(module: Any, fn: Callable[..., Tensor], *local: Tensor) -> Tensor
     Shapes:
         local: each ``(n, ...)`` with the same ``n`` on every rank; ``fn``'s result: ``(world·n, ...)``.
     """
-    out = fn(*(gather_rows(module, x) for x in local))
+    gathered = [gather_rows(module, x) for x in local]
+    out = fn(*gathered)
     size = world_size(module)
+    if TRACE is not None:
+        TRACE.append({"local": [x.detach().cpu().clone() for x in local], "out": out.detach().cpu().clone(),
+                      "gathered": [x.detach().cpu().clone() for x in gathered]})
     if size == 1:
         return out
     return out.reshape(size, -1, *out.shape[1:])[module.global_rank]

@@ -115,7 +115,10 @@ class FewStepMethod(L.LightningModule):
             params = self.backbone.role_parameters(role)
             betas = tuple(getattr(self.cfg, "adam_betas", (0.9, 0.999)))
             wd = float(getattr(self.cfg, "weight_decay", 0.0))
-            opts.append(torch.optim.AdamW(params, lr=self.role_lr(role), betas=betas, weight_decay=wd))
+            # ``initial_lr`` (the base of :meth:`step_role`'s schedule) is set here, not at the first step: a sharded
+            # FSDP2 checkpoint restores only the param-group keys a fresh optimiser already has
+            lr = self.role_lr(role)
+            opts.append(torch.optim.AdamW([{"params": params, "initial_lr": lr}], lr=lr, betas=betas, weight_decay=wd))
         return opts
 
     def opt(self, role: str) -> Any:
@@ -243,8 +246,9 @@ class FewStepMethod(L.LightningModule):
             raise ValueError(f"checkpoint was written by method {state['method']!r}, not {self.name!r}")
         self.iteration, self.stream_pos = state["iteration"], state["stream_pos"]
         self.updates.update(state["updates"])
-        self.backbone.upgrade_state_dict(checkpoint["state_dict"], "backbone.")  # keys of earlier versions
-        self.check_role_keys(checkpoint["state_dict"])
+        if "state_dict" in checkpoint:  # a sharded FSDP2 checkpoint is loaded in place by DCP against our own keys
+            self.backbone.upgrade_state_dict(checkpoint["state_dict"], "backbone.")  # keys of earlier versions
+            self.check_role_keys(checkpoint["state_dict"])
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "stream"):
             dm.stream.start = self.stream_pos

@@ -21,7 +21,7 @@ _LAZY = {
     "RoleStore": "store", "BASE_ROLES": "store", "parse_fold": "store",
     "LoraStore": "lora", "FullCopyStore": "full", "ResidualStore": "residual", "build_store": "factory",
     "add_roles": "snapshots", "copy_role": "snapshots", "blend_role": "snapshots", "EMA": "snapshots",
-    "warmup_decay": "snapshots", "schedule_decay": "snapshots",
+    "warmup_decay": "snapshots", "schedule_decay": "snapshots", "reshard": "snapshots",
 }
 
 __all__ = ["RolesConfig", *_LAZY]

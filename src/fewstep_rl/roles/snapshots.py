@@ -62,10 +62,31 @@ def blend_role(backbone: Backbone, dst: str, src: str, decay: float) -> None:
 
 
 def _params(backbone: Backbone, name: str) -> list[torch.Tensor]:
+    reshard(backbone)
     params = backbone.role_parameters(name)
     if not params:
         raise KeyError(f"role {name!r} has no parameters; roles: {backbone.roles}")
     return params
+
+
+def reshard(backbone: Backbone) -> None:
+    """Under FSDP2, put every sharded module of ``backbone`` back in its sharded state first.
+
+    FSDP2 leaves the module used last in a forward (the root in particular) unsharded: its parameters are then
+    plain full tensors while the other roles' are ``DTensor`` shards, and a copy/blend between them fails (or
+    writes into a gathered copy that the next reshard drops). Resharded, every role is a ``DTensor`` with the same
+    placements and the in-place ops act on the local shards. A no-op without FSDP2.
+    """
+    modules = getattr(backbone, "modules", None)
+    if modules is None:
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return
+    for m in modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def warmup_decay(n: int, decay: float) -> float:
