@@ -16,17 +16,13 @@ count). At a fixed resolution and step count that is the static shift ``Î³ = e^Î
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
 
 from fewstep_rl.config import knob
-from fewstep_rl.worlds.base import World
-from fewstep_rl.worlds.sd3 import read_prompts
+from fewstep_rl.worlds.sd3 import SD3World
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SPEED = "SDPA backend of every transformer pass (fewstep_rl.perf.speed)"
@@ -82,27 +78,19 @@ class Flux2WorldConfig:
             raise ValueError("text_layers must name at least one hidden-state index")
 
 
-class FluxWorld(World):
+class FluxWorld(SD3World):
     """A local diffusers FLUX.1 checkpoint with prompts from files."""
 
     name = "flux"
     Config = FluxWorldConfig
-    sample_kind = "images"
-    roles_defaults = {"rank": 32, "alpha": 64.0}
     label = "FLUX.1"
+    example_path = "/models/FLUX.1-dev"
     missing_preset_hint = ("for the pipeline's dynamic shift set --method.shift to e^mu (FLUX.1 at 512 px: 1.8776; "
                            "the backbone's schedule_shift(num_steps))")
 
     def __init__(self, cfg: Any = None) -> None:
-        super().__init__(cfg or self.Config())
-        c = self.cfg
-        if not c.path or not Path(c.path).is_dir():
-            raise ValueError(f"world.path: {c.path!r} is not a directory (the {self.name} world needs a local diffusers "
-                             f"{self.label} directory; nothing is downloaded)")
-        self.dir = Path(c.path)
-        self._train = read_prompts(c.prompts, "prompts")
-        self._eval = read_prompts(c.eval_prompts, "eval_prompts") if c.eval_prompts else list(self._train)
-        self.teacher_guidance = float(getattr(c, "true_cfg", c.guidance))
+        super().__init__(cfg or self.Config())  # path, prompts (SD3World)
+        self.teacher_guidance = float(getattr(self.cfg, "true_cfg", self.cfg.guidance))
 
     def _load(self) -> Any:
         from fewstep_rl.backbones.flux import FluxBackbone
@@ -118,27 +106,6 @@ class FluxWorld(World):
         c = self.cfg
         return apply_speed(self._load(), c.attention_backend, c.compile, c.compile_backend, c.grad_checkpointing)
 
-    @property
-    def train_prompts(self) -> list[str]:
-        return list(self._train)
-
-    @property
-    def eval_prompts(self) -> list[str]:
-        return list(self._eval)
-
-    def default_rewards(self) -> list[dict]:
-        return [{"name": "jpeg"}]
-
-    def save_samples(self, samples: Tensor, prompts: Sequence[str], out: Path) -> None:
-        from fewstep_rl.eval.images import save_pngs
-
-        save_pngs(samples, prompts, Path(out), scale=1)
-
-    def log_samples(self, samples: Tensor, prompts: Sequence[str], run_dir: Path, step: int) -> None:
-        from fewstep_rl.eval.images import save_grid
-
-        save_grid(samples[:8], list(prompts[:8]), Path(run_dir) / "samples" / f"iter_{step:06d}.png", cols=4, scale=1)
-
 
 class Flux2World(FluxWorld):
     """A local diffusers FLUX.2-klein checkpoint with prompts from files."""
@@ -146,6 +113,7 @@ class Flux2World(FluxWorld):
     name = "flux2"
     Config = Flux2WorldConfig
     label = "FLUX.2-klein"
+    example_path = "/models/FLUX.2-klein-base-4B"
     missing_preset_hint = ("for the pipeline's dynamic shift set --method.shift to e^mu (klein at 512 px, 4 steps: "
                            "7.6193; the backbone's schedule_shift(num_steps))")
 

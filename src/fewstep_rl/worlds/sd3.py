@@ -73,13 +73,14 @@ class SD3World(World):
     Config = SD3WorldConfig
     sample_kind = "images"
     roles_defaults = {"rank": 32, "alpha": 64.0}
+    example_path = "/models/stable-diffusion-3.5-medium"
 
     def __init__(self, cfg: SD3WorldConfig | None = None) -> None:
         super().__init__(cfg or SD3WorldConfig())
         c = self.cfg
         if not c.path:
             raise ValueError(f"world.path: the {self.name} world needs a local diffusers model directory "
-                             "(e.g. --world.path /models/stable-diffusion-3.5-medium)")
+                             f"(e.g. --world.path {self.example_path})")
         self.dir = Path(c.path)
         if not self.dir.is_dir():
             raise ValueError(f"world.path: {str(self.dir)!r} is not a directory (a local diffusers {self.name} "
