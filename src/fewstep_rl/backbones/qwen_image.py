@@ -35,7 +35,7 @@ text attention projections, as SD3's MMDiT).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.loading import dtype_of, load_model, load_tokenizer
-from fewstep_rl.backbones.varlen import PromptRows, cat_padded, clean_base, equivalent_shift, pad_rows, scheduler_sigmas
+from fewstep_rl.backbones.varlen import PromptRows, VarLenPrompts, clean_base, equivalent_shift, scheduler_sigmas
 from fewstep_rl.roles import RolesConfig, build_store
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -68,7 +68,7 @@ def unpack(x: Tensor, h: int, w: int) -> Tensor:
     return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
-class QwenImageBackbone(Backbone):
+class QwenImageBackbone(VarLenPrompts, Backbone):
     """Frozen Qwen-Image MMDiT + Qwen2.5-VL text encoder + Qwen-Image VAE, with LoRA or full-copy roles.
 
     Args:
@@ -175,20 +175,6 @@ class QwenImageBackbone(Backbone):
                               output_hidden_states=True).hidden_states[-1]
         mask = tok.attention_mask.bool()
         return [h[i][mask[i]][TEMPLATE_DROP:][: self.max_sequence_length] for i in range(len(prompts))]
-
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """``{"seq": (B, L, D), "mask": (B, L) bool}``: each prompt's own tokens, zero-padded (cached per prompt)."""
-        return pad_rows(self._rows(prompts))
-
-    def null_cond(self, n: int) -> dict[str, Tensor]:
-        """The encoding of ``guidance_null_prompt`` for ``n`` samples (computed once)."""
-        if self._null is None:
-            self._null = self._encode([self.guidance_null_prompt])[0]
-        c = pad_rows([self._null])
-        return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
-
-    def cat_cond(self, a: Any, b: Any) -> Any:
-        return cat_padded(a, b)
 
     # ---------------------------------------------------------------- decoding
     def decode(self, x: Tensor) -> Tensor:

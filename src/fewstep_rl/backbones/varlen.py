@@ -73,6 +73,29 @@ class PromptRows:
         self.rows.clear()
 
 
+class VarLenPrompts:
+    """Backbone mixin for families whose prompt encodings vary in length (Z-Image, Qwen-Image): the class provides
+    ``_rows(prompts)`` (one ``(L_i, D)`` row per prompt), ``_encode`` and ``guidance_null_prompt``, and sets
+    ``self._null = None``; prompts are padded to ``{"seq", "mask"}`` and CFG batches rows of different lengths."""
+
+    _null: Tensor | None = None
+    guidance_null_prompt: str = ""
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """``{"seq": (B, L, D), "mask": (B, L) bool}``: each prompt's own tokens, zero-padded (cached per prompt)."""
+        return pad_rows(self._rows(prompts))  # type: ignore[attr-defined]
+
+    def null_cond(self, n: int) -> dict[str, Tensor]:
+        """The encoding of ``guidance_null_prompt`` for ``n`` samples (computed once)."""
+        if self._null is None:
+            self._null = self._encode([self.guidance_null_prompt])[0]  # type: ignore[attr-defined]
+        c = pad_rows([self._null])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
+
+    def cat_cond(self, a: Any, b: Any) -> Any:
+        return cat_padded(a, b)
+
+
 def clean_base(transformer: nn.Module, store: object) -> nn.Module:
     """The base transformer without role layers (a fresh module holding the current base weights, merges in)."""
     if not store.wraps_base():  # type: ignore[attr-defined]

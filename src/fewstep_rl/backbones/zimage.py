@@ -27,7 +27,7 @@ single-stream attention projections, as TDM-R1's Z-Image LoRA).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,14 @@ from torch import Tensor, nn
 
 from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.loading import dtype_of, load_model, load_tokenizer, read_shift
-from fewstep_rl.backbones.varlen import PromptRows, cat_padded, clean_base, equivalent_shift, pad_rows, scheduler_sigmas
+from fewstep_rl.backbones.varlen import PromptRows, VarLenPrompts, clean_base, equivalent_shift, scheduler_sigmas
 from fewstep_rl.roles import RolesConfig, build_store
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _FAMILY = "zimage"
 
 
-class ZImageBackbone(Backbone):
+class ZImageBackbone(VarLenPrompts, Backbone):
     """Frozen Z-Image DiT + Qwen3 text encoder + VAE, with LoRA or full-copy roles.
 
     Args:
@@ -145,20 +145,6 @@ class ZImageBackbone(Backbone):
         h = self.text_encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask,
                               output_hidden_states=True).hidden_states[-2]
         return [h[i][mask[i]] for i in range(len(prompts))]
-
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """``{"seq": (B, L, D), "mask": (B, L) bool}``: each prompt's own tokens, zero-padded (cached per prompt)."""
-        return pad_rows(self._rows(prompts))
-
-    def null_cond(self, n: int) -> dict[str, Tensor]:
-        """The encoding of ``guidance_null_prompt`` for ``n`` samples (computed once)."""
-        if self._null is None:
-            self._null = self._encode([self.guidance_null_prompt])[0]
-        c = pad_rows([self._null])
-        return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
-
-    def cat_cond(self, a: Any, b: Any) -> Any:
-        return cat_padded(a, b)
 
     # ---------------------------------------------------------------- decoding
     def decode(self, x: Tensor) -> Tensor:
