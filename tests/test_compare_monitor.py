@@ -43,6 +43,17 @@ def test_within_prompt_diversity_hand_made():
     assert math.isnan(within_prompt_diversity(x[:2], ["a", "b"]))
 
 
+def test_monitor_prompts_give_every_prompt_two_samples():
+    from fewstep_rl.eval.monitor import monitor_prompts, within_prompt_diversity
+
+    many = [f"p{i}" for i in range(1000)]  # more prompts than samples (the shapes world)
+    ps = monitor_prompts(many, 10, 4)
+    assert ps == ["p0"] * 4 + ["p1"] * 4 + ["p2"] * 2
+    assert monitor_prompts(["a", "b"], 6, 2) == ["a", "a", "b", "b", "a", "a"]
+    x = torch.arange(10, dtype=torch.float64)[:, None]
+    assert within_prompt_diversity(x, ps) == within_prompt_diversity(x, ps)  # defined (not NaN)
+
+
 def test_gain_and_alarm_state():
     assert standardised_gain(3.0, 1.0, 0.5) == pytest.approx(4.0)
     assert standardised_gain(3.0, 1.0, 0.0) == pytest.approx(2.0)  # no baseline spread: raw difference

@@ -124,10 +124,10 @@ class MonitorCallback(L.Callback):
     @torch.no_grad()
     def measure(self, module: Any) -> dict[str, Any]:
         """Mean training/judge rewards, their per-sample spreads and the sample statistics of the pinned samples."""
-        from fewstep_rl.eval.monitor import sample_statistics
+        from fewstep_rl.eval.monitor import monitor_prompts, sample_statistics
         from fewstep_rl.eval.paired import paired_samples
 
-        prompts = cycle_prompts(module.world.eval_prompts, self.cfg.samples)
+        prompts = monitor_prompts(module.world.eval_prompts, self.cfg.samples, self.cfg.per_prompt)
         was_training = module.training
         module.eval()
         samples = paired_samples(lambda p, g, s: module.generate(p, g, steps=s), prompts, self.cfg.seed,

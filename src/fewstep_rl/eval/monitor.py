@@ -35,6 +35,7 @@ class MonitorConfig:
 
     every: int = knob(0, "evaluate every N iterations (0: trainer.eval_every, or only at iteration 0 and the end)")
     samples: int = knob(256, "samples per monitor evaluation (cycled over the evaluation prompts)")
+    per_prompt: int = knob(4, "consecutive samples of each prompt (>= 2: within-prompt diversity needs two)")
     seed: int = knob(1234, "seed of the pinned evaluation noise")
     alarm: float = knob(2.0, "alarm when g_train − g_judge exceeds this (in baseline standard deviations)")
     patience: int = knob(1, "evaluations in a row above the threshold before the alarm fires")
@@ -44,8 +45,19 @@ class MonitorConfig:
     edge_level: float = knob(0.1, "a pixel is an edge when its gradient magnitude exceeds this")
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.samples < 2 or self.patience < 1:
-            raise ValueError("monitor: every >= 0, samples >= 2 and patience >= 1 are required")
+        if self.every < 0 or self.samples < 2 or self.patience < 1 or not 2 <= self.per_prompt <= self.samples:
+            raise ValueError("monitor: every >= 0, samples >= 2, patience >= 1 and 2 <= per_prompt <= samples are "
+                             "required")
+
+
+def monitor_prompts(eval_prompts: Sequence[str], samples: int, per_prompt: int) -> list[str]:
+    """``samples`` prompts: the evaluation prompts cycled, each repeated ``per_prompt`` times in a row, so every
+    drawn prompt has at least two samples for :func:`within_prompt_diversity` (worlds with more prompts than
+    ``samples`` — shapes — otherwise draw each prompt once and the diversity is undefined)."""
+    if not eval_prompts:
+        raise ValueError("no prompts to evaluate on")
+    n = -(-samples // per_prompt)
+    return [eval_prompts[i % len(eval_prompts)] for i in range(n) for _ in range(per_prompt)][:samples]
 
 
 def dark_fraction(images: Tensor, level: float = 0.1) -> float:
