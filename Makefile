@@ -38,7 +38,7 @@ test-slow: install ## run only the slow tests
 	$(PY) -m pytest -q -m slow
 
 test-dist: install ## distributed contract: every method under ddp/fsdp2 on 2 CPU processes vs 1 process (~20 min)
-	$(PY) -m pytest -q -m dist tests/test_dist_contract.py
+	$(PY) -m pytest -q -m dist tests/test_dist_contract.py tests/test_multinode.py
 
 test-faults: install ## fault injection: kill -9/SIGINT/SIGTERM + resume bit-exact, bad checkpoints/rewards/inputs (< 10 min)
 	$(PY) -m pytest -q -m faults tests/test_faults.py

@@ -82,7 +82,7 @@ class FewStepMethod(L.LightningModule):
     @staticmethod
     def note(message: str) -> None:
         """One informational line on stderr (rank 0 only): a setting that is accepted but has no effect."""
-        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        if not any(int(os.environ.get(k, "0") or "0") for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")):
             print(f"note: {message}", file=sys.stderr)
 
     # ------------------------------------------------------------------ model construction

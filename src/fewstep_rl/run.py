@@ -45,7 +45,8 @@ class TrainerConfig:
 
     max_steps: int = knob(1000, "training iterations (prompt batches; not optimiser steps)")
     accelerator: str = knob("auto", "Lightning accelerator: auto, cpu, gpu, cuda")
-    devices: int = knob(1, "number of devices (processes)")
+    devices: int = knob(1, "number of devices (processes) per node")
+    num_nodes: int = knob(1, "number of nodes (machines); launch with torchrun or srun, see README 'Multi-node'")
     strategy: Literal["auto", "ddp", "fsdp2"] = knob("auto", "auto, ddp (gloo on CPU) or fsdp2 (ModelParallelStrategy)")
     precision: str = knob("32-true", "Lightning precision, e.g. 32-true, bf16-mixed")
     seed: int = knob(0, "seed of every random stream (noise, prompts, adapter init)")
@@ -70,7 +71,7 @@ class TrainerConfig:
 
 def check_trainer_config(tc: TrainerConfig) -> None:
     """Range checks of the trainer section (ValueError naming the key and what is allowed)."""
-    for key in ("max_steps", "devices", "log_every", "eval_samples"):
+    for key in ("max_steps", "devices", "num_nodes", "log_every", "eval_samples"):
         if getattr(tc, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(tc, key)}")
     for key in ("eval_every", "ckpt_every", "ckpt_last_every", "nonfinite_limit"):
@@ -430,7 +431,7 @@ def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list, safety: boo
     elif tc.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(data_parallel_size=tc.devices, tensor_parallel_size=1)
+        strategy = ModelParallelStrategy(data_parallel_size=tc.devices * tc.num_nodes, tensor_parallel_size=1)
     else:
         strategy = "auto"
     safe_callbacks, logger, plugins = reliability_parts(tc, run_dir)
@@ -438,7 +439,8 @@ def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list, safety: boo
     if tc.progress_bar:
         callbacks = [*callbacks, progress_bar(tc.max_steps, max(1, tc.log_every))]
     return L.Trainer(
-        accelerator=tc.accelerator, devices=tc.devices, strategy=strategy, precision=tc.precision,
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=strategy,
+        precision=tc.precision,
         max_epochs=-1, max_steps=-1, logger=make_loggers(tc.logger, run_dir, logger), plugins=plugins,
         callbacks=callbacks, enable_progress_bar=tc.progress_bar, log_every_n_steps=tc.log_every,
         default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,

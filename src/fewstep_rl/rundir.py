@@ -36,8 +36,11 @@ RESUME_LOG = "resume.jsonl"
 
 
 def is_launched_rank() -> bool:
-    """True in a DDP rank started by Lightning's launcher (not the process the user started)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0
+    """True in every process but global rank 0: a rank started by Lightning's launcher, by torchrun (``RANK``; a
+    node > 0 has ``LOCAL_RANK=0`` but ``GROUP_RANK>0``) or by srun (``SLURM_PROCID``). Only global rank 0 writes
+    the run directory — a per-node local rank 0 would write it once per node on a shared filesystem."""
+    keys = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    return any(int(os.environ.get(k, "0") or "0") != 0 for k in keys)
 
 
 def _entries(run_dir: Path) -> list[str]:

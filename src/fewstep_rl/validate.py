@@ -146,7 +146,7 @@ def resolve_world_run(method: str, problem: Any, configs: Sequence[str], steps: 
     over.update({
         "rewards": [dict(problem.reward)], "method.beta": problem.beta, "trainer.seed": seed,
         "trainer.eval_every": 0, "trainer.progress_bar": False, "trainer.num_threads": 1,
-        "trainer.run_dir": str(run_dir), "trainer.devices": 1, "trainer.strategy": "auto",
+        "trainer.run_dir": str(run_dir), "trainer.devices": 1, "trainer.num_nodes": 1, "trainer.strategy": "auto",
     })
     if steps is not None:
         over["trainer.max_steps"] = steps
