@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 
 from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.loading import dtype_of, load_model, load_tokenizer
+from fewstep_rl.backbones.varlen import PromptRows
 from fewstep_rl.roles import RolesConfig, build_store
 from fewstep_rl.sampling.sigmas import flux_mu, sigma_grid
 
@@ -81,7 +81,7 @@ class FluxFamily(Backbone):
         self.sample_shape = sample_shape
         self.scheduler_config = dict(scheduler)
         self.prompt_cache_size = int(prompt_cache_size)
-        self._cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        self._cache = PromptRows(self._encode_rows, self.prompt_cache_size)
         self._null: dict[str, Tensor] | None = None
         self.store = build_store(roles, transformer, default_targets=targets, family=self.family)
 
@@ -98,23 +98,12 @@ class FluxFamily(Backbone):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """The pipeline's ``encode_prompt`` of each prompt (batched, LRU-cached per prompt string)."""
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("encode_prompts needs at least one prompt")
-        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        fresh: dict[str, dict[str, Tensor]] = {}
-        if todo:
-            enc = self._encode(todo)
-            fresh = {p: {k: v[i : i + 1].clone() for k, v in enc.items()} for i, p in enumerate(todo)}
-        rows = [fresh[p] if p in fresh else self._cache[p] for p in prompts]
-        for p in prompts:
-            if p in self._cache:
-                self._cache.move_to_end(p)
-        if self.prompt_cache_size > 0:
-            self._cache.update(fresh)
-            while len(self._cache) > self.prompt_cache_size:
-                self._cache.popitem(last=False)
+        rows = self._cache(prompts)
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def _encode_rows(self, prompts: list[str]) -> list[dict[str, Tensor]]:
+        enc = self._encode(prompts)
+        return [{k: v[i : i + 1] for k, v in enc.items()} for i in range(len(prompts))]
 
     def null_cond(self, n: int) -> dict[str, Tensor]:
         """The empty prompt's encoding (the pipeline's ``negative_prompt=""``) for ``n`` samples (computed once)."""

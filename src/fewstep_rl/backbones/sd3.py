@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.loading import diffusers_version, dtype_of, load_model, load_tokenizer, present, read_shift
 from fewstep_rl.backbones.sd3_text import sd3_prompt_embeds
+from fewstep_rl.backbones.varlen import PromptRows
 from fewstep_rl.roles import RolesConfig, build_store
 
 #: LoRA target modules of SD3 attention (filtered to those the transformer has).
@@ -115,7 +115,7 @@ class SD3Backbone(Backbone):
         self.guidance_null_prompt = guidance_null_prompt
         self.default_shift = default_shift
         self.prompt_cache_size = int(prompt_cache_size)
-        self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self._cache = PromptRows(self._encode_rows, self.prompt_cache_size)
         self._null: tuple[Tensor, Tensor] | None = None
         self.store = build_store(roles, transformer, default_targets=DEFAULT_LORA_TARGETS, family=_FAMILY)
 
@@ -241,23 +241,12 @@ class SD3Backbone(Backbone):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """``{"seq": (B, L, D), "pooled": (B, P)}`` as ``StableDiffusion3Pipeline.encode_prompt`` (cached)."""
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("encode_prompts needs at least one prompt")
-        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        fresh: dict[str, tuple[Tensor, Tensor]] = {}
-        if todo:
-            seq, pooled = self._encode(todo)
-            fresh = {p: (seq[i : i + 1].clone(), pooled[i : i + 1].clone()) for i, p in enumerate(todo)}
-        rows = [fresh[p] if p in fresh else self._cache[p] for p in prompts]
-        for p in prompts:
-            if p in self._cache:
-                self._cache.move_to_end(p)
-        if self.prompt_cache_size > 0:
-            self._cache.update(fresh)
-            while len(self._cache) > self.prompt_cache_size:
-                self._cache.popitem(last=False)
+        rows = self._cache(prompts)
         return {"seq": torch.cat([r[0] for r in rows]), "pooled": torch.cat([r[1] for r in rows])}
+
+    def _encode_rows(self, prompts: list[str]) -> list[tuple[Tensor, Tensor]]:
+        seq, pooled = self._encode(prompts)
+        return [(seq[i : i + 1], pooled[i : i + 1]) for i in range(len(prompts))]
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         if self.text_embedder is not None:

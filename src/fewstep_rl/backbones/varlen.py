@@ -46,19 +46,29 @@ def cat_padded(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.cat([a[k], b[k]]) for k in ("seq", "mask")}
 
 
+def _clone(x: Any) -> Any:
+    """A copy of a tensor, or of every tensor in a tuple/dict of tensors (drops views of a larger encoder output)."""
+    if isinstance(x, dict):
+        return {k: v.clone() for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(v.clone() for v in x)
+    return x.clone()
+
+
 class PromptRows:
-    """LRU cache ``prompt -> (L_i, D)`` over an encoder ``prompts -> list of rows`` (size 0: no cache)."""
+    """LRU cache ``prompt -> its encoding`` over an encoder ``prompts -> list of per-prompt encodings`` (a tensor, or
+    a tuple/dict of tensors, each copied when cached; size 0: no cache). Every backbone's prompt cache."""
 
-    def __init__(self, encode: Callable[[list[str]], list[Tensor]], size: int = 256) -> None:
+    def __init__(self, encode: Callable[[list[str]], Sequence[Any]], size: int = 256) -> None:
         self.encode, self.size = encode, int(size)
-        self.rows: OrderedDict[str, Tensor] = OrderedDict()
+        self.rows: OrderedDict[str, Any] = OrderedDict()
 
-    def __call__(self, prompts: Sequence[str]) -> list[Tensor]:
+    def __call__(self, prompts: Sequence[str]) -> list[Any]:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("encode_prompts needs at least one prompt")
         todo = list(dict.fromkeys(p for p in prompts if p not in self.rows))
-        fresh = dict(zip(todo, (r.clone() for r in self.encode(todo)))) if todo else {}
+        fresh = dict(zip(todo, (_clone(r) for r in self.encode(todo)))) if todo else {}
         out = [fresh[p] if p in fresh else self.rows[p] for p in prompts]
         for p in prompts:
             if p in self.rows:
@@ -68,6 +78,9 @@ class PromptRows:
             while len(self.rows) > self.size:
                 self.rows.popitem(last=False)
         return out
+
+    def __iter__(self) -> Any:
+        return iter(self.rows)
 
     def clear(self) -> None:
         self.rows.clear()
