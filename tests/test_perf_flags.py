@@ -114,3 +114,24 @@ def test_bf16_weights_keep_fp32_sampler_math():
     assert torch.equal(lp, step_log_prob(x1b, meanb, stdb))
     ref = step_log_prob(x1b.double(), meanb.double(), stdb.double())
     assert torch.allclose(lp.double(), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("world", ["sd3", "flux", "flux2", "zimage", "qwen_image"])
+def test_every_image_world_takes_and_applies_the_speed_flags(world):
+    """One typed base (SpeedFlags) for every image world's config; build_backbone installs the flags on whatever
+    backbone the world builds (here the in-memory factory hook's)."""
+    import types
+
+    from fewstep_rl.perf.speed import SpeedFlags
+    from fewstep_rl.run import resolve
+
+    r = resolve("dmd2", world, (), {"world.path": ".", "world.prompts": __file__, "world.attention_backend": "math",
+                                    "world.grad_checkpointing": True})
+    assert isinstance(r.world, SpeedFlags)
+    assert (r.world.attention_backend, r.world.grad_checkpointing, r.world.compile) == ("math", True, False)
+    w = r.world_cls(r.world)
+    inner = lambda x, sigma, cond, role: x  # noqa: E731
+    bb = types.SimpleNamespace(_predict=inner)
+    w.backbone_factory = lambda: bb
+    assert w.build_backbone() is bb and bb._predict is not inner  # wrapped by apply_speed
+    assert torch.equal(bb._predict(torch.ones(2), torch.zeros(2), {}, None), torch.ones(2))

@@ -102,3 +102,14 @@ def test_plan_cli_bad_input(capsys, argv, msg):
     assert main(["plan", "--method", "dmd2", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+def test_role_lines_hand_count():
+    """1 GiB of parameters at 2 bytes over 2 devices: 1 GiB of weights, 1 of gradients, 2 of AdamW moments; a
+    snapshot role holds its weights only."""
+    from fewstep_rl.plan import role_lines
+
+    assert role_lines("generator", 2**30, "LoRA adapter", True, 2, 2) == [
+        ("role generator: LoRA adapter weights", 1.0), ("role generator: gradients", 1.0),
+        ("role generator: AdamW moments (2)", 2.0)]
+    assert role_lines("ema", 2**30, "full copy", False, 4, 1) == [("role ema: full copy weights (snapshot)", 4.0)]

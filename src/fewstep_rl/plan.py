@@ -96,6 +96,18 @@ def lora_params(transformer: torch.nn.Module, targets: list[str], rank: int) -> 
     return n
 
 
+def role_lines(role: str, params: int, what: str, trainable: bool, wbytes: int, shard: int
+               ) -> list[tuple[str, float]]:
+    """The plan lines of one role holding ``params`` parameters (its LoRA adapter or full copy, ``what``): the
+    weights, and for a trainable role one gradient + AdamW's two moments, all in the role's dtype (``wbytes``),
+    sharded over ``shard`` devices. A snapshot role (``trainable`` false) holds its weights only."""
+    gib = params * wbytes / GiB / shard
+    if not trainable:
+        return [(f"role {role}: {what} weights (snapshot)", gib)]
+    return [(f"role {role}: {what} weights", gib), (f"role {role}: gradients", gib),
+            (f"role {role}: AdamW moments (2)", 2 * gib)]
+
+
 #: Parameter counts of SD3.5's text encoders (CLIP ViT-L/14 text 123.7 M, OpenCLIP ViT-bigG/14 text 694.7 M,
 #: T5-XXL encoder 4.762 B), from their transformers configs.
 SD3_TEXT_ENCODER_PARAMS = 123_650_304 + 694_659_840 + 4_762_310_656
@@ -337,11 +349,9 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
                   prompt_cache * (tokens * dim + pooled) * wbytes / GiB))
     what = "LoRA adapter" if roles == "lora" else "full copy"
     for r in trainable:
-        lines.append((f"role {r}: {what} weights", role_n * wbytes / GiB / shard))
-        lines.append((f"role {r}: gradients", role_n * wbytes / GiB / shard))
-        lines.append((f"role {r}: AdamW moments (2)", 2 * role_n * wbytes / GiB / shard))
+        lines += role_lines(r, role_n, what, True, wbytes, shard)
     for r in snapshots:
-        lines.append((f"role {r}: {what} weights (snapshot)", role_n * wbytes / GiB / shard))
+        lines += role_lines(r, role_n, what, False, wbytes, shard)
     if shard > 1:
         blk = max(sum(p.numel() for p in b.parameters()) for b in t.transformer_blocks)
         lines.append(("one gathered transformer block (fsdp2)", blk * wbytes / GiB))

@@ -1,4 +1,4 @@
-"""Speed flags of the ``sd3`` world, applied to a built backbone (``world.attention_backend``, ``world.compile``,
+"""Speed flags of the image worlds (``sd3``, ``flux``, ``flux2``, ``zimage``, ``qwen_image``), applied to a built backbone (``world.attention_backend``, ``world.compile``,
 ``world.grad_checkpointing``).
 
 * **attention backend** — every transformer pass runs inside ``torch.nn.attention.sdpa_kernel`` with the chosen
@@ -19,12 +19,31 @@ dtype), log-probabilities and losses stay float32 (the methods create their nois
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from fewstep_rl.config import knob
+
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+@dataclass
+class SpeedFlags:
+    """The speed keys every image world's config carries (its ``Config`` derives from this; ``world.*`` keys)."""
+
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = knob(
+        "auto", "SDPA backend of every transformer pass (fewstep_rl.perf.speed)")
+    compile: bool = knob(False, "torch.compile the transformer (one graph per active adapter set)")
+    compile_backend: str = knob("inductor", "torch.compile backend (inductor; aot_eager for debugging)")
+    grad_checkpointing: bool = knob(False, "recompute grad passes in backward (activation checkpointing)")
+
+    def apply_speed(self, backbone: Any) -> Any:
+        """:func:`apply_speed` with these flags."""
+        return apply_speed(backbone, self.attention_backend, self.compile, self.compile_backend,
+                           self.grad_checkpointing)
 
 
 def _sdpa_context(backend: str) -> Any:

@@ -22,14 +22,14 @@ from typing import Any, Literal
 import torch
 
 from fewstep_rl.config import knob
+from fewstep_rl.perf.speed import SpeedFlags
 from fewstep_rl.worlds.sd3 import SD3World
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SPEED = "SDPA backend of every transformer pass (fewstep_rl.perf.speed)"
 
 
 @dataclass
-class FluxWorldConfig:
+class FluxWorldConfig(SpeedFlags):
     """The ``flux`` world (``world.*`` keys)."""
 
     path: str = knob("", "local diffusers FLUX.1 directory (required; nothing is downloaded)")
@@ -40,10 +40,6 @@ class FluxWorldConfig:
     resolution: int = knob(512, "image side in pixels")
     dtype: Literal["float32", "bfloat16", "float16"] = knob("float32", "dtype the frozen components load in")
     max_sequence_length: int = knob(512, "T5 tokens per prompt")
-    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = knob("auto", _SPEED)
-    compile: bool = knob(False, "torch.compile the transformer (one graph per active adapter set)")
-    compile_backend: str = knob("inductor", "torch.compile backend (inductor; aot_eager for debugging)")
-    grad_checkpointing: bool = knob(False, "recompute grad passes in backward (activation checkpointing)")
 
     def __post_init__(self) -> None:
         if self.resolution < 16 or self.resolution % 16:
@@ -53,7 +49,7 @@ class FluxWorldConfig:
 
 
 @dataclass
-class Flux2WorldConfig:
+class Flux2WorldConfig(SpeedFlags):
     """The ``flux2`` world (``world.*`` keys)."""
 
     path: str = knob("", "local diffusers FLUX.2-klein directory (required; nothing is downloaded)")
@@ -64,10 +60,6 @@ class Flux2WorldConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = knob("float32", "dtype the frozen components load in")
     max_sequence_length: int = knob(512, "text tokens per prompt (chat template included)")
     text_layers: list[int] = knob([9, 18, 27], "text-encoder hidden states stacked into the prompt embedding")
-    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = knob("auto", _SPEED)
-    compile: bool = knob(False, "torch.compile the transformer (one graph per active adapter set)")
-    compile_backend: str = knob("inductor", "torch.compile backend (inductor; aot_eager for debugging)")
-    grad_checkpointing: bool = knob(False, "recompute grad passes in backward (activation checkpointing)")
 
     def __post_init__(self) -> None:
         if self.resolution < 16 or self.resolution % 16:
@@ -99,12 +91,6 @@ class FluxWorld(SD3World):
         return FluxBackbone.from_pretrained(self.dir, roles=self.roles_config(), dtype=_DTYPES[c.dtype],
                                             guidance=c.guidance, resolution=c.resolution,
                                             max_sequence_length=c.max_sequence_length)
-
-    def build_backbone(self) -> Any:
-        from fewstep_rl.perf.speed import apply_speed
-
-        c = self.cfg
-        return apply_speed(self._load(), c.attention_backend, c.compile, c.compile_backend, c.grad_checkpointing)
 
 
 class Flux2World(FluxWorld):

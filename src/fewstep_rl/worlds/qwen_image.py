@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fewstep_rl.config import knob
+from fewstep_rl.perf.speed import SpeedFlags
 from fewstep_rl.worlds.sd3 import _DTYPES, SD3World
 
 
 @dataclass
-class QwenImageWorldConfig:
+class QwenImageWorldConfig(SpeedFlags):
     """The ``qwen_image`` world (``world.*`` keys)."""
 
     path: str = knob("", "local diffusers Qwen-Image directory (required; nothing is downloaded)")
@@ -55,7 +56,7 @@ class QwenImageWorld(SD3World):
             raise ValueError(f"world.resolution {self.cfg.resolution} must be a multiple of 2 × the VAE factor {factor}")
         return side
 
-    def build_backbone(self) -> Any:
+    def _load(self) -> Any:
         from fewstep_rl.backbones.qwen_image import QwenImageBackbone
 
         c = self.cfg

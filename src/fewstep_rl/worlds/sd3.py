@@ -26,14 +26,15 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.perf.speed import SpeedFlags
 from fewstep_rl.worlds.base import World
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class SD3WorldConfig:
-    """The ``sd3`` world (``world.*`` keys)."""
+class SD3WorldConfig(SpeedFlags):
+    """The ``sd3`` world (``world.*`` keys; the speed flags from :class:`~fewstep_rl.perf.speed.SpeedFlags`)."""
 
     path: str = knob("", "local diffusers SD3/SD3.5 directory (required; nothing is downloaded)")
     prompts: str = knob("", "training prompts: a text file, one prompt per line (required)")
@@ -42,11 +43,6 @@ class SD3WorldConfig:
     resolution: int = knob(512, "image side in pixels")
     dtype: Literal["float32", "bfloat16", "float16"] = knob("float32", "dtype the frozen components load in")
     max_sequence_length: int = knob(256, "T5 tokens per prompt")
-    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = knob(
-        "auto", "SDPA backend of every transformer pass (fewstep_rl.perf.speed)")
-    compile: bool = knob(False, "torch.compile the transformer (one graph per active adapter set)")
-    compile_backend: str = knob("inductor", "torch.compile backend (inductor; aot_eager for debugging)")
-    grad_checkpointing: bool = knob(False, "recompute grad passes in backward (activation checkpointing)")
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
@@ -103,22 +99,21 @@ class SD3World(World):
             raise ValueError(f"world.resolution {self.cfg.resolution} is not a multiple of the VAE factor {factor}")
         return int(self.cfg.resolution) // factor
 
-    #: In-memory hook (``benchmarks/scale.py``): a callable returning the backbone instead of loading ``world.path``.
+    #: In-memory hook (``benchmarks/scale.py``, ``fewstep-rl plan``): a callable returning the backbone instead of
+    #: loading ``world.path`` (every image world; :mod:`fewstep_rl.perf.arch`).
     backbone_factory: Any = None
 
     def build_backbone(self) -> Any:
+        """The backbone (:meth:`_load` from ``world.path``, or :attr:`backbone_factory`) with the speed flags on."""
+        bb = self.backbone_factory() if self.backbone_factory is not None else self._load()
+        return self.cfg.apply_speed(bb)
+
+    def _load(self) -> Any:
         from fewstep_rl.backbones.sd3 import SD3Backbone
-        from fewstep_rl.perf.speed import apply_speed
 
         c = self.cfg
-        if self.backbone_factory is not None:
-            bb = self.backbone_factory()
-        else:
-            bb = SD3Backbone.from_pretrained(
-                self.dir, roles=self.roles_config(), dtype=_DTYPES[c.dtype], resolution=self.latent_side(),
-                max_sequence_length=c.max_sequence_length,
-            )
-        return apply_speed(bb, c.attention_backend, c.compile, c.compile_backend, c.grad_checkpointing)
+        return SD3Backbone.from_pretrained(self.dir, roles=self.roles_config(), dtype=_DTYPES[c.dtype],
+                                           resolution=self.latent_side(), max_sequence_length=c.max_sequence_length)
 
     @property
     def train_prompts(self) -> list[str]:

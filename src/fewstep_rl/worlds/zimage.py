@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fewstep_rl.config import knob
+from fewstep_rl.perf.speed import SpeedFlags
 from fewstep_rl.worlds.sd3 import _DTYPES, SD3World
 
 
 @dataclass
-class ZImageWorldConfig:
+class ZImageWorldConfig(SpeedFlags):
     """The ``zimage`` world (``world.*`` keys)."""
 
     path: str = knob("", "local diffusers Z-Image(-Turbo) directory (required; nothing is downloaded)")
@@ -40,7 +41,7 @@ class ZImageWorld(SD3World):
     Config = ZImageWorldConfig
     roles_defaults = {"rank": 32, "alpha": 64.0}
 
-    def build_backbone(self) -> Any:
+    def _load(self) -> Any:
         from fewstep_rl.backbones.zimage import ZImageBackbone
 
         c = self.cfg
