@@ -206,28 +206,30 @@ class FluxBackbone(FluxFamily):
         resolution: image side in pixels (default 1024); the latent side is ``resolution / vae factor``, even.
         max_sequence_length: T5 tokens (the pipeline's default 512).
         scheduler: the scheduler config (dynamic-shift constants); source: the directory loaded (for export).
+        text_embedder: optional module ``prompts -> (T5 seq, CLIP pooled)`` used instead of the text encoders
+            (then ``clip`` and ``t5`` may be ``None``): precomputed embeddings for benchmarks (:mod:`fewstep_rl.perf.arch`).
     """
 
     family = "flux"
 
-    def __init__(self, transformer: nn.Module, clip: tuple[Any, nn.Module], t5: tuple[Any, nn.Module],
+    def __init__(self, transformer: nn.Module, clip: tuple[Any, nn.Module] | None, t5: tuple[Any, nn.Module] | None,
                  vae: nn.Module, *, roles: RolesConfig | None = None, guidance: float = 3.5,
                  resolution: int = 1024, max_sequence_length: int = 512, prompt_cache_size: int = 256,
-                 scheduler: dict[str, Any] | None = None, source: Path | None = None) -> None:
+                 scheduler: dict[str, Any] | None = None, source: Path | None = None,
+                 text_embedder: nn.Module | None = None) -> None:
         super().__init__()
         cfg = transformer.config
-        self.clip_tokenizer, self.clip_encoder = clip
-        self.t5_tokenizer, self.t5_encoder = t5
-        self.components = (self.clip_encoder, self.t5_encoder)
+        if text_embedder is None and (clip is None or t5 is None):
+            raise BackboneLoadError("flux needs CLIP and T5 (tokenizer, encoder) pairs (or a text_embedder)")
+        self.text_embedder = text_embedder
+        self.clip_tokenizer, self.clip_encoder = clip or (None, None)
+        self.t5_tokenizer, self.t5_encoder = t5 or (None, None)
+        self.components = tuple(m for m in (self.clip_encoder, self.t5_encoder) if m is not None)
         if vae.config.latent_channels * 4 != cfg.in_channels:
             raise BackboneLoadError(f"vae/config.json latent_channels={vae.config.latent_channels} packs to "
                                     f"{4 * vae.config.latent_channels} channels, transformer in_channels={cfg.in_channels}")
-        if int(self.t5_encoder.config.d_model) != cfg.joint_attention_dim:
-            raise BackboneLoadError(f"text_encoder_2 (T5) width {self.t5_encoder.config.d_model} != transformer "
-                                    f"joint_attention_dim={cfg.joint_attention_dim}")
-        if int(self.clip_encoder.config.hidden_size) != cfg.pooled_projection_dim:
-            raise BackboneLoadError(f"text_encoder (CLIP) width {self.clip_encoder.config.hidden_size} != "
-                                    f"transformer pooled_projection_dim={cfg.pooled_projection_dim}")
+        if text_embedder is None:
+            self._check_text(cfg)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         side = int(resolution) // factor
         if side % 2 or int(resolution) % factor:
@@ -236,6 +238,14 @@ class FluxBackbone(FluxFamily):
         self.max_sequence_length = int(max_sequence_length)
         self._setup(transformer, vae, roles, DEFAULT_LORA_TARGETS, (int(vae.config.latent_channels), side, side),
                     source, scheduler or {}, prompt_cache_size)
+
+    def _check_text(self, cfg: Any) -> None:
+        if int(self.t5_encoder.config.d_model) != cfg.joint_attention_dim:
+            raise BackboneLoadError(f"text_encoder_2 (T5) width {self.t5_encoder.config.d_model} != transformer "
+                                    f"joint_attention_dim={cfg.joint_attention_dim}")
+        if int(self.clip_encoder.config.hidden_size) != cfg.pooled_projection_dim:
+            raise BackboneLoadError(f"text_encoder (CLIP) width {self.clip_encoder.config.hidden_size} != "
+                                    f"transformer pooled_projection_dim={cfg.pooled_projection_dim}")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, roles: RolesConfig | None = None,
@@ -258,6 +268,10 @@ class FluxBackbone(FluxFamily):
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """``FluxPipeline.encode_prompt``: CLIP ``pooler_output`` and T5 ``last_hidden_state`` (padded)."""
+        if self.text_embedder is not None:
+            seq, pooled = self.text_embedder(prompts)
+            return {"seq": seq, "pooled": pooled}
+
         def ids(tok: Any, n: int, dev: torch.device) -> Tensor:
             return tok(prompts, padding="max_length", max_length=n, truncation=True,
                        return_tensors="pt").input_ids.to(dev)

@@ -46,6 +46,12 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k
                         "to_qkv_mlp_proj")
 
 
+def lora_targets(transformer: nn.Module) -> tuple[str, ...]:
+    """:data:`DEFAULT_LORA_TARGETS` + each single block's ``attn.to_out`` (the default LoRA targets of ``transformer``)."""
+    return DEFAULT_LORA_TARGETS + tuple(f"single_transformer_blocks.{i}.attn.to_out"
+                                        for i in range(len(transformer.single_transformer_blocks)))
+
+
 class Flux2Backbone(FluxFamily):
     """Frozen FLUX.2-klein transformer + Qwen3 text encoder + Flux2 VAE, with LoRA or full-copy roles.
 
@@ -56,22 +62,40 @@ class Flux2Backbone(FluxFamily):
         resolution: image side in pixels; the latent side ``resolution / vae factor`` must be even.
         max_sequence_length: text tokens (the pipeline's 512); text_layers: hidden states stacked (9, 18, 27).
         guidance: the guidance embedding of a checkpoint that has one (klein does not).
+        text_embedder: optional module ``prompts -> (seq (B, L, n·D), _)`` used instead of the text encoder (then
+            ``text`` may be ``None``): precomputed embeddings for benchmarks (:mod:`fewstep_rl.perf.arch`).
     """
 
     family = "flux2"
 
-    def __init__(self, transformer: nn.Module, text: tuple[Any, nn.Module], vae: nn.Module, *,
+    def __init__(self, transformer: nn.Module, text: tuple[Any, nn.Module] | None, vae: nn.Module, *,
                  roles: RolesConfig | None = None, resolution: int = 1024, max_sequence_length: int = 512,
                  text_layers: tuple[int, ...] = (9, 18, 27), guidance: float = 4.0, prompt_cache_size: int = 256,
-                 scheduler: dict[str, Any] | None = None, source: Path | None = None) -> None:
+                 scheduler: dict[str, Any] | None = None, source: Path | None = None,
+                 text_embedder: nn.Module | None = None) -> None:
         super().__init__()
         cfg = transformer.config
-        self.tokenizer, self.text_encoder = text
-        self.components = (self.text_encoder,)
+        if text is None and text_embedder is None:
+            raise BackboneLoadError("flux2 needs a (tokenizer, text encoder) pair (or a text_embedder)")
+        self.text_embedder = text_embedder
+        self.tokenizer, self.text_encoder = text or (None, None)
+        self.components = (self.text_encoder,) if self.text_encoder is not None else ()
         c = int(vae.config.latent_channels) * 4
         if c != cfg.in_channels:
             raise BackboneLoadError(f"vae/config.json latent_channels={vae.config.latent_channels} patchifies to {c} "
                                     f"channels, transformer in_channels={cfg.in_channels}")
+        if text_embedder is None:
+            self._check_text(cfg, text_layers)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        side = int(resolution) // factor
+        if side % 2 or int(resolution) % factor:
+            raise BackboneLoadError(f"resolution {resolution} must be a multiple of 2x the VAE factor {factor}")
+        self.text_layers, self.max_sequence_length = tuple(int(k) for k in text_layers), int(max_sequence_length)
+        self.guidance = float(guidance)
+        self._setup(transformer, vae, roles, lora_targets(transformer), (c, side // 2, side // 2), source,
+                    scheduler or {}, prompt_cache_size)
+
+    def _check_text(self, cfg: Any, text_layers: tuple[int, ...]) -> None:
         n_hidden = int(self.text_encoder.config.num_hidden_layers)
         if not text_layers or max(text_layers) > n_hidden:
             raise BackboneLoadError(f"text_layers {list(text_layers)} exceed the text encoder's {n_hidden} layers")
@@ -81,16 +105,6 @@ class Flux2Backbone(FluxFamily):
                                     f"= {width} != transformer joint_attention_dim={cfg.joint_attention_dim}")
         if not getattr(self.tokenizer, "chat_template", None):
             raise BackboneLoadError("tokenizer/ has no chat template (Flux2KleinPipeline wraps prompts in it)")
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        side = int(resolution) // factor
-        if side % 2 or int(resolution) % factor:
-            raise BackboneLoadError(f"resolution {resolution} must be a multiple of 2x the VAE factor {factor}")
-        self.text_layers, self.max_sequence_length = tuple(int(k) for k in text_layers), int(max_sequence_length)
-        self.guidance = float(guidance)
-        singles = tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(len(
-            transformer.single_transformer_blocks)))
-        self._setup(transformer, vae, roles, DEFAULT_LORA_TARGETS + singles, (c, side // 2, side // 2), source,
-                    scheduler or {}, prompt_cache_size)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, roles: RolesConfig | None = None,
@@ -112,6 +126,8 @@ class Flux2Backbone(FluxFamily):
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """``Flux2KleinPipeline._get_qwen3_prompt_embeds``: chat template, padded, hidden states stacked."""
+        if self.text_embedder is not None:
+            return {"seq": self.text_embedder(prompts)[0]}
         tok, enc = self.tokenizer, self.text_encoder
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
                                          enable_thinking=False) for p in prompts]

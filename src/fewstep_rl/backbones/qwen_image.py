@@ -77,27 +77,36 @@ class QwenImageBackbone(VarLenPrompts, Backbone):
         resolution: latent side (image side / VAE factor 8; even); default 128 (1024 px).
         max_sequence_length: text tokens kept per prompt (the pipeline's 512).
         prompt_cache_size: prompt encodings kept (LRU; the null prompt always).
+        text_embedder: optional module ``prompts -> (seq (B, L, D), _)`` used instead of the text encoder (then
+            ``text_encoder``/``tokenizer`` may be ``None``; every prompt keeps ``L`` tokens): precomputed embeddings
+            for benchmarks (:mod:`fewstep_rl.perf.arch`).
         guidance_null_prompt: the unconditional prompt of CFG (``""``; the pipeline needs an explicit one).
         cfg_renorm: rescale the CFG combination per token to the conditional prediction's norm (the pipeline's
             true CFG); default off (linear CFG).
     """
 
     def __init__(
-        self, transformer: nn.Module, text_encoder: nn.Module, tokenizer: Any, vae: nn.Module, scheduler: Any = None,
+        self, transformer: nn.Module, text_encoder: nn.Module | None, tokenizer: Any, vae: nn.Module, scheduler: Any = None,
         *, roles: RolesConfig | None = None, resolution: int | None = None, max_sequence_length: int = 512,
         prompt_cache_size: int = 256, guidance_null_prompt: str = "", cfg_renorm: bool = False,
+        text_embedder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         cfg = transformer.config
-        width = int(text_encoder.config.get_text_config().hidden_size)
-        if width != int(cfg.joint_attention_dim):
-            raise BackboneLoadError(f"text_encoder hidden_size={width} != transformer joint_attention_dim="
-                                    f"{cfg.joint_attention_dim}")
+        if text_embedder is None and (text_encoder is None or tokenizer is None):
+            raise BackboneLoadError("qwen_image needs a text encoder and tokenizer (or a text_embedder)")
+        if text_embedder is None:
+            width = int(text_encoder.config.get_text_config().hidden_size)
+            if width != int(cfg.joint_attention_dim):
+                raise BackboneLoadError(f"text_encoder hidden_size={width} != transformer joint_attention_dim="
+                                        f"{cfg.joint_attention_dim}")
+        self.text_embedder = text_embedder
         if 4 * int(vae.config.z_dim) != int(cfg.in_channels):
             raise BackboneLoadError(f"transformer in_channels={cfg.in_channels} != 4 × vae z_dim={vae.config.z_dim}")
         self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
         for m in (transformer, text_encoder, vae):
-            m.requires_grad_(False).eval()
+            if m is not None:
+                m.requires_grad_(False).eval()
         self.scheduler = scheduler
         side = int(resolution or 128)
         if side % 2:
@@ -168,6 +177,8 @@ class QwenImageBackbone(VarLenPrompts, Backbone):
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> list[Tensor]:
         """Per-prompt text features as ``QwenImagePipeline._get_qwen_prompt_embeds`` + ``encode_prompt``."""
+        if self.text_embedder is not None:
+            return list(self.text_embedder(prompts)[0].unbind(0))
         dev = self.text_encoder.device
         tok = self.tokenizer([TEMPLATE.format(p) for p in prompts], max_length=TOKENIZER_MAX + TEMPLATE_DROP,
                              padding=True, truncation=True, return_tensors="pt").to(dev)
@@ -218,4 +229,4 @@ class QwenImageBackbone(VarLenPrompts, Backbone):
         for t in self.store.networks():
             yield from t.transformer_blocks
             yield t
-        yield from (self.text_encoder, self.vae)
+        yield from (m for m in (self.text_encoder, self.vae) if m is not None)

@@ -55,25 +55,33 @@ class ZImageBackbone(VarLenPrompts, Backbone):
         resolution: latent side (image side / VAE factor); default 128 (1024 px).
         max_sequence_length: token count the prompt is padded/truncated to (the pipeline's 512).
         prompt_cache_size: prompt encodings kept (LRU; the null prompt always).
+        text_embedder: optional module ``prompts -> (seq (B, L, D), _)`` used instead of the text encoder (then
+            ``text_encoder``/``tokenizer`` may be ``None``; every prompt keeps ``L`` tokens): precomputed embeddings
+            for benchmarks (:mod:`fewstep_rl.perf.arch`).
         guidance_null_prompt: the unconditional prompt of CFG (the pipeline's default negative prompt ``""``).
     """
 
     def __init__(
-        self, transformer: nn.Module, text_encoder: nn.Module, tokenizer: Any, vae: nn.Module, scheduler: Any = None,
+        self, transformer: nn.Module, text_encoder: nn.Module | None, tokenizer: Any, vae: nn.Module, scheduler: Any = None,
         *, roles: RolesConfig | None = None, resolution: int | None = None, max_sequence_length: int = 512,
         prompt_cache_size: int = 256, guidance_null_prompt: str = "",
+        text_embedder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         cfg = transformer.config
-        if int(text_encoder.config.hidden_size) != int(cfg.cap_feat_dim):
+        if text_embedder is None and (text_encoder is None or tokenizer is None):
+            raise BackboneLoadError("zimage needs a text encoder and tokenizer (or a text_embedder)")
+        if text_embedder is None and int(text_encoder.config.hidden_size) != int(cfg.cap_feat_dim):
             raise BackboneLoadError(f"text_encoder hidden_size={text_encoder.config.hidden_size} != transformer "
                                     f"cap_feat_dim={cfg.cap_feat_dim}")
+        self.text_embedder = text_embedder
         if int(vae.config.latent_channels) != int(cfg.in_channels):
             raise BackboneLoadError(f"vae latent_channels={vae.config.latent_channels} != transformer "
                                     f"in_channels={cfg.in_channels}")
         self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
         for m in (transformer, text_encoder, vae):
-            m.requires_grad_(False).eval()
+            if m is not None:
+                m.requires_grad_(False).eval()
         self.scheduler = scheduler
         side = int(resolution or 128)
         if side % 2:
@@ -136,6 +144,8 @@ class ZImageBackbone(VarLenPrompts, Backbone):
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> list[Tensor]:
         """Per-prompt caption features as ``ZImagePipeline._encode_prompt``."""
+        if self.text_embedder is not None:
+            return list(self.text_embedder(prompts)[0].unbind(0))
         text = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                    add_generation_prompt=True, enable_thinking=True) for p in prompts]
         dev = self.text_encoder.device
@@ -173,4 +183,4 @@ class ZImageBackbone(VarLenPrompts, Backbone):
         for t in self.store.networks():
             yield from (*t.noise_refiner, *t.context_refiner, *t.layers)
             yield t
-        yield from (self.text_encoder, self.vae)
+        yield from (m for m in (self.text_encoder, self.vae) if m is not None)
