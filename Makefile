@@ -71,7 +71,7 @@ validate: install ## slow: every reward-driven method on 10 random multimodal to
 bench: install ## per-method step time vs. its own network passes, and peak memory
 	$(PY) benchmarks/bench_methods.py
 
-bench-scale: install ## every method at SD3.5-M size on CUDA (random bf16 weights, MFU, peak memory); tiny width on CPU
+bench-scale: install ## every method at SD3.5-M size on CUDA (random bf16 weights, MFU, peak memory; BENCH_SCALE_ARGS='--world flux|flux2|zimage|qwen_image' for the other families); tiny width on CPU
 	$(PY) benchmarks/scale.py $(BENCH_SCALE_ARGS)
 
 smoke-cuda: install ## every method, 4 bf16-mixed iterations on the default world, on CUDA (needs a GPU)

@@ -1,16 +1,20 @@
-"""Every method at the scale users run: SD3.5-Medium's real architecture (random bf16 weights, nothing downloaded).
+"""Every method at the scale users run: a family's real architecture (random bf16 weights, nothing downloaded).
 
     python benchmarks/scale.py                                  # CUDA: SD3.5-M, 512 px, every method, LoRA roles
     python benchmarks/scale.py --device cpu                     # the CPU test (tiny width, seconds per row)
     python benchmarks/scale.py --methods dmd2 --roles full      # full-copy roles
+    python benchmarks/scale.py --world flux --arch flux.1-dev   # another family (flux, flux2, zimage, qwen_image)
+
+``--world`` picks the family (default ``sd3``) and ``--arch`` one of its architectures (:mod:`fewstep_rl.perf.arch`;
+default: the world's real one on CUDA, its ``tiny`` twin on CPU). A method without a ``configs/<method>/<world>.yaml``
+preset runs with its defaults (the resolver's note says so), capped as below.
 
 For every row (method × roles mode), in a fresh subprocess (so peak memory is the row's own):
 
-1. resolve the method's ``configs/<method>/sd3.yaml`` preset through the real config code (``world.path`` and
-   ``world.prompts`` point at a scratch directory; the ``sd3`` world's ``backbone_factory`` hook hands it an
-   :class:`~fewstep_rl.backbones.sd3.SD3Backbone` over the architecture built in memory by
-   :mod:`fewstep_rl.perf.arch`, with precomputed random prompt embeddings of the real shapes: 333 tokens × 4096,
-   pooled 2048), with the batch and group sizes capped by ``--max-batch``/``--max-group`` (and the micro-batch
+1. resolve the method's ``configs/<method>/<world>.yaml`` preset through the real config code (``world.path`` and
+   ``world.prompts`` point at a scratch directory; the world's ``backbone_factory`` hook hands it the family's
+   backbone over the architecture built in memory by :mod:`fewstep_rl.perf.arch`, with precomputed random prompt
+   embeddings of the real shapes, e.g. 333 tokens × 4096 + pooled 2048 for SD3.5), with the batch and group sizes capped by ``--max-batch``/``--max-group`` (and the micro-batch
    counts scaled to keep the preset's micro-batch size where it can) so a row fits the time budget;
 2. train it with the real Trainer for ``--warmup`` iterations, then time ``--iters`` iterations (fewer when the
    row would pass ``--time-cap`` seconds), recording every transformer pass (role, shape, grad on/off);
@@ -145,12 +149,12 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from fewstep_rl.perf.arch import build_sd3_backbone, get_arch
+    from fewstep_rl.perf.arch import build_backbone, get_arch
     from fewstep_rl.perf.flops import PassRecorder, total_flops
     from fewstep_rl.run import assemble, resolve
 
     method, extra = VARIANTS.get(row, (row, {}))
-    arch = get_arch(a.arch)
+    arch = get_arch(a.arch, a.world)
     scratch = Path(tempfile.mkdtemp(prefix="scale-"))
     (scratch / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     base = {
@@ -162,11 +166,11 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
         "trainer.log_every": 10**6, "world.attention_backend": a.attention_backend,
         "world.grad_checkpointing": a.grad_checkpointing, "world.compile": a.compile, **extra,
     }
-    probe = resolve(method, "sd3", (), base)
+    probe = resolve(method, a.world, (), base)
     over = {**base, **scaled_overrides(probe.method, method, a.max_batch, a.max_group)}
     if a.plan_only:
         return plan_row(row, method, a, {k_: v for k_, v in over.items() if k_.startswith("method.")})
-    resolved = resolve(method, "sd3", (), over)
+    resolved = resolve(method, a.world, (), over)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
     wc = resolved.world
     times: list[float] = []
@@ -202,7 +206,7 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
                 trainer.should_stop = True
 
     module, dm, trainer = assemble(resolved, scratch / "run", [Timer()], run_callback=False)
-    module.world.backbone_factory = lambda: build_sd3_backbone(
+    module.world.backbone_factory = lambda: build_backbone(
         arch, PROMPTS, device=a.device, dtype=dtype, resolution=wc.resolution, roles=resolved.roles, seed=0)
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -232,7 +236,7 @@ def bench_row(row: str, a: argparse.Namespace) -> dict:
     vae_bytes = sum(p.numel() * p.element_size() for p in bb.vae.parameters()) if bb.vae is not None else 0
     emb_bytes = sum(t.numel() * t.element_size() for t in bb.text_embedder.buffers())
     res = {
-        "row": row, "method": method, "arch": a.arch, "roles": a.roles, "device": a.device,
+        "row": row, "method": method, "world": a.world, "arch": a.arch, "roles": a.roles, "device": a.device,
         "precision": a.precision, "resolution": a.resolution, "batch": b, "group": k, "images_per_iter": images,
         "iters": n, "warmup_s": state.get("warm_s", 0.0), "fit_s": fit_s, "s_per_iter": step,
         "images_per_s": images / step, "passes_per_iter": sum(rec.calls.values()) / n,
@@ -263,7 +267,7 @@ def plan_row(row: str, method: str, a: argparse.Namespace, over: dict) -> dict:
 
     prec = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[a.dtype]
     res = make_plan(method, a.arch, a.roles, prec, resolution=a.resolution, overrides=over, precomputed_text=True,
-                    prompt_cache=len(PROMPTS) + 1)
+                    prompt_cache=len(PROMPTS) + 1, world=a.world)
     return {"row": row, "roles": a.roles, "plan_gb": res.total_gb, "static_gb": res.static_gb,
             "activations_gb": res.activations_gb, "lines": res.lines, "passes": res.passes}
 
@@ -320,7 +324,10 @@ def fmt_table(rows: list[dict]) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default=None, help="sd3.5-medium (default on CUDA) or tiny (default on CPU: the test)")
+    ap.add_argument("--world", default="sd3", help="sd3, flux, flux2, zimage or qwen_image (default sd3)")
+    ap.add_argument("--arch", default=None,
+                    help="an architecture of --world (default: its real one on CUDA, e.g. sd3.5-medium; on CPU its "
+                         "tiny twin: the test)")
     ap.add_argument("--methods", default=None, help="comma-separated rows (default: every method + rtdmd@rl)")
     ap.add_argument("--roles", default="lora", help="lora, full, or lora,full")
     ap.add_argument("--full-methods", default=None, help="rows also run with full copies (with --roles lora)")
@@ -356,10 +363,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = a.device.startswith("cuda")
-    a.arch = a.arch or ("sd3.5-medium" if cuda else "tiny")
+    from fewstep_rl.perf.arch import DEFAULT, TINY, get_arch
+
+    if a.world not in DEFAULT:
+        ap.error(f"--world must be one of {', '.join(DEFAULT)}, got {a.world!r}")
+    a.arch = a.arch or (DEFAULT[a.world] if cuda else TINY[a.world])
+    try:
+        get_arch(a.arch, a.world)
+    except ValueError as e:
+        ap.error(str(e))
     a.precision = a.precision or ("bf16-mixed" if cuda else "32-true")
     a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
-    a.resolution = a.resolution or (64 if a.arch == "tiny" else 512)
+    a.resolution = a.resolution or (64 if a.arch.startswith("tiny") else 512)
     if a.peak_tflops is None and cuda:
         a.peak_tflops = 989.0
     return a
@@ -415,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ROW " + json.dumps(bench_row(a.one, a)))
         return 0
     jobs = job_list(a)
-    passthru = ["--arch", a.arch, "--device", a.device, "--precision", a.precision, "--dtype", a.dtype,
+    passthru = ["--world", a.world, "--arch", a.arch, "--device", a.device, "--precision", a.precision, "--dtype", a.dtype,
                 "--resolution", str(a.resolution), "--max-batch", str(a.max_batch), "--max-group", str(a.max_group),
                 "--warmup", str(a.warmup), "--iters", str(a.iters), "--time-cap", str(a.time_cap),
                 "--threads", str(a.threads), "--attention-backend", a.attention_backend] \

@@ -66,18 +66,17 @@ def test_fsdp2_shards_weights_not_activations():
 
 def test_saved_bytes_lora_between_frozen_and_full():
     """A LoRA role keeps the adapted layers' inputs, a full copy every linear input: input-grad ≤ lora ≤ full."""
-    from peft import LoraConfig
-
-    from fewstep_rl.perf.arch import ARCHS, build_transformer
-
-    t = build_transformer(ARCHS["tiny"], "meta", torch.float32)
-    args = ((16, 8, 8), 16, 32, 16, torch.float32)
-    full = saved_bytes_per_sample(t, *args, "full")[0]
-    frozen = saved_bytes_per_sample(t, *args, "input")[0]
     from fewstep_rl.backbones.sd3 import DEFAULT_LORA_TARGETS
+    from fewstep_rl.perf.arch import ARCHS, build_backbone
+    from fewstep_rl.roles import RolesConfig
+    from fewstep_rl.roles.lora import add_lora_adapter
 
-    t.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_LORA_TARGETS)), adapter_name="bench")
-    lora = saved_bytes_per_sample(t, *args, "lora")[0]
+    bb = build_backbone(ARCHS["tiny"], ["a"], device="meta", dtype=torch.float32, resolution=64,
+                        roles=RolesConfig(mode="full")).to("meta")
+    full = saved_bytes_per_sample(bb, torch.float32, "full")[0]
+    frozen = saved_bytes_per_sample(bb, torch.float32, "input")[0]
+    add_lora_adapter(bb.transformer, "bench", 4, 8, list(DEFAULT_LORA_TARGETS))
+    lora = saved_bytes_per_sample(bb, torch.float32, "lora")[0]
     assert 0 < frozen < lora < full
 
 
@@ -91,7 +90,8 @@ def test_plan_cli(capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--world", "toy2d"], "--world must be sd3"),
+    (["--world", "toy2d"], "--world must be one with real-size architectures"),
+    (["--world", "sd3", "--arch", "flux.1-dev"], "belongs to --world flux, not sd3"),
     (["--arch", "sd9"], "unknown --arch 'sd9'"),
     (["--roles", "half"], "invalid choice: 'half'"),
     (["--devices", "1", "--strategy", "fsdp2"], "fsdp2 needs --devices >= 2"),

@@ -3,17 +3,22 @@
     fewstep-rl plan --method rtdmd --world sd3 --arch sd3.5-medium [--roles lora|full] [--precision bf16]
                     [--devices N --strategy fsdp2] [--memory GB]
 
+Worlds and architectures (:mod:`fewstep_rl.perf.arch`): ``sd3`` (``sd3.5-medium``), ``flux`` (``flux.1-dev``),
+``flux2`` (``flux.2-klein-4b``), ``zimage`` (``z-image-turbo``), ``qwen_image`` (``qwen-image``); ``--arch``
+defaults to the world's real one, and each world has a ``tiny[-<world>]`` twin for tests.
+
 The estimate is built from counts, not from a fit:
 
 * **weights** — parameter counts of the architecture built on the meta device (:mod:`fewstep_rl.perf.arch`): the
-  frozen base transformer and VAE, the text encoders (CLIP-L + CLIP-G + T5-XXL, 5.6 B parameters for SD3.5;
-  ``--precomputed-text`` drops them as ``benchmarks/scale.py`` does), each role's LoRA adapter (r·(in+out) per
-  target linear) or full copy;
+  frozen base transformer and VAE, the text encoders (counted from their configs, e.g. CLIP-L + CLIP-G + T5-XXL,
+  5.6 B parameters for SD3.5; ``--precomputed-text`` drops them as ``benchmarks/scale.py`` does), each role's LoRA
+  adapter (r·(in+out) per target linear of the family's default targets) or full copy;
 * **gradients and optimiser state** — every trainable role: one gradient + AdamW's two moments, in the role's dtype;
 * **activations** — the grad passes the method makes are *counted*: the method runs a few iterations at the
-  ``tiny`` width on the CPU (the real code path, the preset's batch structure) with every transformer pass and every
+  world's tiny width on the CPU (the real code path, the preset's batch structure) with every transformer pass and every
   ``backward`` recorded; passes between two backward calls are alive together. Each such pass is then replayed at
-  the real width on the meta device (no memory, no FLOPs) under ``saved_tensors_hooks``, which sums the bytes of the
+  the real width on the meta device through the backbone's own ``_predict`` / ``decode`` (packing, ids and
+conditioning as in training; no memory, no FLOPs) under ``saved_tensors_hooks``, which sums the bytes of the
   distinct tensors autograd keeps for backward (parameters excluded). The peak activation memory is the largest
   sum over one backward group. A no-grad pass adds its largest live intermediate, the backward twice the largest
   per-layer saving (the gradient buffers autograd allocates while it walks back); the prompt-embedding cache
@@ -108,86 +113,13 @@ def role_lines(role: str, params: int, what: str, trainable: bool, wbytes: int, 
             (f"role {role}: AdamW moments (2)", 2 * gib)]
 
 
-#: Parameter counts of SD3.5's text encoders (CLIP ViT-L/14 text 123.7 M, OpenCLIP ViT-bigG/14 text 694.7 M,
-#: T5-XXL encoder 4.762 B), from their transformers configs.
-SD3_TEXT_ENCODER_PARAMS = 123_650_304 + 694_659_840 + 4_762_310_656
-
-
-def saved_bytes_per_sample(transformer: torch.nn.Module, sample_shape: tuple[int, ...], tokens: int, dim: int,
-                           pooled: int, dtype: torch.dtype, mode: str) -> tuple[int, int, int]:
-    """(bytes autograd saves, largest per-block saving, largest batch-sized intermediate) per sample of a forward
-    on the meta device (two samples, halved). ``mode``: ``"full"`` the weights are trained (a full-copy role);
-    ``"lora"`` the transformer carries a LoRA adapter ``bench`` that is trained (the base frozen); ``"input"`` the
-    weights are frozen and the input is differentiated (a frozen role's grad pass). Parameters are excluded;
-    attention runs as the flash SDPA kernel (saves q, k, v, out, logsumexp), as on the GPU."""
-    params = {p.untyped_storage()._cdata for p in transformer.parameters()}
+def _replay(run: Any, params: set[int], blocks: list[torch.nn.Module], n: int) -> tuple[int, int, int]:
+    """Run ``run()`` (a meta-device forward of batch ``n``) under ``saved_tensors_hooks`` and return (bytes of the
+    distinct tensors autograd keeps for backward, parameters excluded; the largest per-block saving; the largest
+    batch-sized intermediate), attention as the flash SDPA kernel (saves q, k, v, out, logsumexp), as on the GPU."""
     seen: dict[int, int] = {}
     largest = [0]
-    n = 2
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        key = st._cdata
-        if key not in params:
-            seen[key] = max(seen.get(key, 0), st.nbytes())
-        return t
-
     per_block: list[int] = []
-
-    def pre(mod: Any, args: Any, kwargs: Any = None) -> None:
-        per_block.append(sum(seen.values()))
-
-    hooks = [b.register_forward_pre_hook(pre) for b in transformer.transformer_blocks]
-
-    class Peak(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            out = func(*args, **(kwargs or {}))
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == n:
-                    largest[0] = max(largest[0], o.numel() * o.element_size())
-            return out
-
-    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # noqa: ANN001, ANN003
-        if attn_mask is not None or kw.get("enable_gqa"):
-            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
-
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    has_lora = any(".lora_" in name for name, _ in transformer.named_parameters())
-    for name, p in transformer.named_parameters():
-        p.requires_grad_(mode == "full" or (mode == "lora" and ".lora_" in name))
-    if has_lora:
-        transformer.enable_adapters() if mode == "lora" else transformer.disable_adapters()
-    x = torch.zeros((n, *sample_shape), device="meta", dtype=dtype, requires_grad=mode == "input")
-    seq = torch.zeros((n, tokens, dim), device="meta", dtype=dtype)
-    pool = torch.zeros((n, pooled), device="meta", dtype=dtype)
-    try:
-        torch.nn.functional.scaled_dot_product_attention = flash
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Peak():
-            transformer(hidden_states=x, timestep=torch.full((n,), 500.0, device="meta"),
-                        encoder_hidden_states=seq, pooled_projections=pool, return_dict=False)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
-        for h in hooks:
-            h.remove()
-    total = sum(seen.values())
-    marks = [*per_block, total]
-    block = max((b - a for a, b in zip(marks, marks[1:])), default=total)
-    return total // n, block // n, largest[0] // n
-
-
-#: Role key of a VAE decode in the recorded passes.
-VAE = "<vae decode>"
-
-
-def vae_saved_bytes_per_sample(vae: torch.nn.Module, latent_shape: tuple[int, ...], dtype: torch.dtype
-                               ) -> tuple[int, int]:
-    """(bytes autograd saves, largest batch-sized intermediate) per sample of a VAE decode on the meta device whose
-    input is differentiated (reward back-prop through the decoder); attention as flash SDPA."""
-    params = {p.untyped_storage()._cdata for p in vae.parameters()}
-    seen: dict[int, int] = {}
-    largest = [0]
-    n = 2
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
@@ -195,6 +127,9 @@ def vae_saved_bytes_per_sample(vae: torch.nn.Module, latent_shape: tuple[int, ..
             seen[st._cdata] = max(seen.get(st._cdata, 0), st.nbytes())
         return t
 
+    def pre(mod: Any, args: Any) -> None:
+        per_block.append(sum(seen.values()))
+
     class Peak(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             out = func(*args, **(kwargs or {}))
@@ -205,24 +140,83 @@ def vae_saved_bytes_per_sample(vae: torch.nn.Module, latent_shape: tuple[int, ..
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # noqa: ANN001, ANN003
-        if attn_mask is not None or kw.get("enable_gqa"):
-            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+    def flash(*args: Any, **kwargs: Any) -> torch.Tensor:  # SDPA's signature, positional or by keyword
+        a = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args), **kwargs)
+        q, k, v = a.pop("query"), a.pop("key"), a.pop("value")
+        if a.get("attn_mask") is not None or a.get("enable_gqa"):
+            return sdpa(q, k, v, **a)
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, a.get("dropout_p", 0.0),
+                                                                  a.get("is_causal", False), scale=a.get("scale"))[0]
 
-    vae.requires_grad_(False)
-    z = torch.zeros((n, *latent_shape), device="meta", dtype=dtype, requires_grad=True)
+    import torch.fx.experimental._config as fx_config
+
+    hooks = [b.register_forward_pre_hook(pre) for b in blocks]
     try:
         torch.nn.functional.scaled_dot_product_attention = flash
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Peak():
-            vae.decode(z, return_dict=False)
+        # every prompt row has its full length: a mask's nonzero() is all of it (Z-Image's caption selection)
+        with fx_config.patch(meta_nonzero_assume_all_nonzero=True), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Peak():
+            run()
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
-    return sum(seen.values()) // n, largest[0] // n
+        for h in hooks:
+            h.remove()
+    total = sum(seen.values())
+    marks = [*per_block, total]
+    block = max((b - a for a, b in zip(marks, marks[1:])), default=total)
+    return total, block, largest[0]
 
 
-def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[list[list[tuple]], Counter, int, int]:
-    """Run ``method`` on the tiny architecture (CPU) and return (backward groups of grad-pass shapes, no-grad
+def _meta_cond(backbone: Any, n: int) -> Any:
+    """The prompt conditioning of ``n`` samples on the meta device (a padding mask, when the family has one, is a
+    real all-true tensor: the code that reads it stays data-independent)."""
+    cond = backbone.encode_prompts(["plan"] * n)
+    if "mask" in cond:
+        cond = {**cond, "mask": torch.ones(cond["mask"].shape, dtype=torch.bool)}
+    return cond
+
+
+def saved_bytes_per_sample(backbone: Any, dtype: torch.dtype, mode: str) -> tuple[int, int, int]:
+    """(bytes autograd saves, largest per-block saving, largest batch-sized intermediate) per sample of one
+    ``_predict`` pass of the meta-device ``backbone`` (its base transformer; two samples, halved). ``mode``:
+    ``"full"`` the weights are trained (a full-copy role); ``"lora"`` the transformer carries a LoRA adapter
+    ``bench`` that is trained (the base frozen); ``"input"`` the weights are frozen and the input is differentiated
+    (a frozen role's grad pass)."""
+    t = backbone.transformer
+    n = 2
+    has_lora = any(".lora_" in name for name, _ in t.named_parameters())
+    for name, p in t.named_parameters():
+        p.requires_grad_(mode == "full" or (mode == "lora" and ".lora_" in name))
+    if has_lora:
+        t.enable_adapters() if mode == "lora" else t.disable_adapters()
+    x = torch.zeros((n, *backbone.sample_shape), device="meta", dtype=dtype, requires_grad=mode == "input")
+    sigma = torch.full((n,), 0.5, device="meta")
+    cond = _meta_cond(backbone, n)
+    from fewstep_rl.perf.arch import transformer_blocks
+
+    params = {p.untyped_storage()._cdata for p in t.parameters()}
+    out = _replay(lambda: backbone._predict(x, sigma, cond, None), params, transformer_blocks(t), n)
+    return out[0] // n, out[1] // n, out[2] // n
+
+
+#: Role key of a VAE decode in the recorded passes.
+VAE = "<vae decode>"
+
+
+def vae_saved_bytes_per_sample(backbone: Any, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes autograd saves, largest batch-sized intermediate) per sample of the meta-device ``backbone``'s
+    ``decode`` whose input is differentiated (reward back-prop through the decoder); attention as flash SDPA."""
+    n = 2
+    backbone.vae.requires_grad_(False)
+    z = torch.zeros((n, *backbone.sample_shape), device="meta", dtype=dtype, requires_grad=True)
+    params = {p.untyped_storage()._cdata for p in backbone.vae.parameters()}
+    total, _, largest = _replay(lambda: backbone.decode(z), params, [], n)
+    return total // n, largest // n
+
+
+def count_passes(method: str, overrides: dict, iterations: int = 6, world: str = "sd3"
+                 ) -> tuple[list[list[tuple]], Counter, int, int]:
+    """Run ``method`` on the ``world``'s tiny architecture (CPU) and return (backward groups of grad-pass shapes, no-grad
     pass shapes, batch_size, group_size). A backward group = the grad passes alive at one ``backward`` call."""
     import tempfile
     import warnings
@@ -230,7 +224,7 @@ def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[lis
 
     import lightning as L
 
-    from fewstep_rl.perf.arch import build_sd3_backbone, get_arch
+    from fewstep_rl.perf.arch import TINY, build_backbone, get_arch
     from fewstep_rl.run import assemble, resolve
 
     scratch = Path(tempfile.mkdtemp(prefix="plan-"))
@@ -241,11 +235,11 @@ def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[lis
             "trainer.accelerator": "cpu", "trainer.precision": "32-true", "trainer.max_steps": iterations,
             "trainer.run_dir": str(scratch / "run"), "trainer.progress_bar": False, "trainer.log_every": 10**6,
             **overrides}
-    resolved = resolve(method, "sd3", (), over)
+    resolved = resolve(method, world, (), over)
     groups: list[list[tuple]] = []
     live: list[tuple] = []
     nograd: Counter = Counter()
-    arch = get_arch("tiny")
+    arch = get_arch(TINY[world])
 
     class Rec(L.Callback):
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -273,7 +267,7 @@ def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[lis
             bb.decode = dec
 
     module, dm, trainer = assemble(resolved, scratch / "run", [Rec()], run_callback=False)
-    module.world.backbone_factory = lambda: build_sd3_backbone(
+    module.world.backbone_factory = lambda: build_backbone(
         arch, prompts, device="cpu", dtype=torch.float32, resolution=64, roles=resolved.roles)
     orig_backward = torch.Tensor.backward
 
@@ -305,9 +299,18 @@ def count_passes(method: str, overrides: dict, iterations: int = 6) -> tuple[lis
 
 def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", precision: str = "bf16",
               devices: int = 1, strategy: str = "auto", resolution: int = 512, overrides: dict | None = None,
-              precomputed_text: bool = False, prompt_cache: int = 256) -> PlanResult:
-    """The memory plan (see the module docstring). ``overrides``: extra ``method.*`` config keys (dotted)."""
-    from fewstep_rl.perf.arch import build_transformer, build_vae, get_arch
+              precomputed_text: bool = False, prompt_cache: int = 256, world: str | None = None) -> PlanResult:
+    """The memory plan (see the module docstring). ``overrides``: extra ``method.*`` config keys (dotted);
+    ``world``: the architecture's world (default: the one ``arch`` belongs to; another one is an error)."""
+    from fewstep_rl.perf.arch import (
+        build_backbone,
+        default_lora_targets,
+        get_arch,
+        text_encoder_params,
+        transformer_blocks,
+    )
+    from fewstep_rl.roles import RolesConfig
+    from fewstep_rl.roles.lora import resolve_targets
     from fewstep_rl.run import resolve
 
     if precision not in _BYTES:
@@ -316,50 +319,46 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
         raise ValueError(f"roles must be 'lora' or 'full', got {roles!r}")
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
-    a = get_arch(arch)
+    a = get_arch(arch, world)
+    world = a.world
     wbytes = _BYTES[precision]
     dtype = {2: torch.bfloat16, 4: torch.float32}[wbytes]
     over = {"roles.mode": roles, **(overrides or {})}
     scratch_over = {"world.path": ".", "world.prompts": __file__}
-    resolved = resolve(method, "sd3", (), {**scratch_over, **over})
+    resolved = resolve(method, world, (), {**scratch_over, **over})
     rc, mcls = resolved.roles, resolved.method_cls
-    trainable = list(mcls.trainable_roles)
-    snapshots = list(mcls.snapshot_roles)
-    from fewstep_rl.backbones.sd3 import DEFAULT_LORA_TARGETS
-
-    targets = list(rc.targets or DEFAULT_LORA_TARGETS)
-    key = (arch, precision, roles, rc.lora_rank, rc.lora_alpha, tuple(targets), resolution)
-    if key not in _META:  # the meta-device model and its replays, shared by plans of the same configuration
-        t = build_transformer(a, "meta", dtype)
-        vae = build_vae(a, "meta", dtype)
-        _META[key] = (t, sum(p.numel() for p in t.parameters()),
-                      sum(p.numel() for p in vae.parameters()) if vae is not None else 0, {}, [False], vae)
-    t, base, vae_n, cache, adapted, vae = _META[key]
+    key = (arch, precision, roles, rc.lora_rank, rc.lora_alpha, tuple(rc.targets or ()), resolution)
+    if key not in _META:  # the meta-device backbone and its replays, shared by plans of the same configuration
+        bb = build_backbone(a, ["plan"], device="meta", dtype=dtype, resolution=resolution,
+                            roles=RolesConfig(mode="full")).to("meta")  # no copies: role None runs the base
+        t = bb.transformer
+        targets = resolve_targets(t, rc.targets, default_lora_targets(world, t), world)
+        _META[key] = (bb, sum(p.numel() for p in t.parameters()), sum(p.numel() for p in bb.vae.parameters())
+                      if bb.vae is not None else 0, {}, [False], targets)
+    bb, base, vae_n, cache, adapted, targets = _META[key]
+    t = bb.transformer
     role_n = lora_params(t, targets, rc.lora_rank) if roles == "lora" else base
     shard = devices if strategy == "fsdp2" else 1
     lines: list[tuple[str, float]] = [
         (f"base transformer ({base / 1e9:.2f} B params)", base * wbytes / GiB / shard),
         (f"VAE ({vae_n / 1e6:.0f} M params)", vae_n * wbytes / GiB / shard),
     ]
-    if not precomputed_text and arch != "tiny":
-        lines.append(("text encoders (CLIP-L, CLIP-G, T5-XXL)", SD3_TEXT_ENCODER_PARAMS * wbytes / GiB / shard))
-    tokens = a.text_tokens
-    dim, pooled = int(t.config.joint_attention_dim), int(t.config.pooled_projection_dim)
+    text_n = 0 if precomputed_text else text_encoder_params(a)
+    if text_n:
+        lines.append((f"text encoders ({a.text_label}, {text_n / 1e9:.2f} B params)", text_n * wbytes / GiB / shard))
     lines.append((f"prompt-embedding cache ({prompt_cache} prompts)",
-                  prompt_cache * (tokens * dim + pooled) * wbytes / GiB))
+                  prompt_cache * (a.text_tokens * a.text_dim + a.pooled_dim) * wbytes / GiB))
     what = "LoRA adapter" if roles == "lora" else "full copy"
-    for r in trainable:
+    for r in mcls.trainable_roles:
         lines += role_lines(r, role_n, what, True, wbytes, shard)
-    for r in snapshots:
+    for r in mcls.snapshot_roles:
         lines += role_lines(r, role_n, what, False, wbytes, shard)
     if shard > 1:
-        blk = max(sum(p.numel() for p in b.parameters()) for b in t.transformer_blocks)
+        blk = max(sum(p.numel() for p in b.parameters()) for b in transformer_blocks(t))
         lines.append(("one gathered transformer block (fsdp2)", blk * wbytes / GiB))
     # activations from the counted grad passes
     method_over = {k: v for k, v in over.items() if k.startswith("method.")}
-    groups, nograd, b, k = count_passes(method, {"roles.mode": roles, **method_over})
-    side = resolution // a.vae_factor
-    sample_shape = (int(t.config.in_channels), side, side)
+    groups, nograd, b, k = count_passes(method, {"roles.mode": roles, **method_over}, world=world)
 
     if roles == "lora" and not adapted[0]:
         from fewstep_rl.roles.lora import add_lora_adapter
@@ -370,17 +369,19 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
     def per_sample(trainable: bool) -> tuple[int, int, int]:
         mode = roles if trainable else "input"
         if mode not in cache:
-            cache[mode] = saved_bytes_per_sample(t, sample_shape, tokens, dim, pooled, dtype, mode)
+            cache[mode] = saved_bytes_per_sample(bb, dtype, mode)
         return cache[mode]
 
     def vae_sample() -> tuple[int, int]:
         if "vae" not in cache:
-            cache["vae"] = vae_saved_bytes_per_sample(vae, sample_shape, dtype) + (0,)
+            cache["vae"] = vae_saved_bytes_per_sample(bb, dtype) + (0,)
         return cache["vae"][:2]
+
+    has_vae = bb.vae is not None
 
     def saved(role: str, shape: tuple, tr: bool) -> int:
         if role == VAE:
-            return shape[0] * vae_sample()[0] if vae is not None else 0
+            return shape[0] * vae_sample()[0] if has_vae else 0
         return shape[0] * per_sample(tr)[0]
 
     act = 0
@@ -393,7 +394,7 @@ def make_plan(method: str, arch: str = "sd3.5-medium", roles: str = "lora", prec
     nograd_b = max((shape[0] for (r, shape) in nograd if r != VAE), default=0)
     dec_b = max((shape[0] for (r, shape) in nograd if r == VAE), default=0)
     transient = max(nograd_b * per_sample(False)[2], 2 * block,
-                    3 * dec_b * vae_sample()[1] if vae is not None and dec_b else 0)
+                    3 * dec_b * vae_sample()[1] if has_vae and dec_b else 0)
     lines.append((f"activations: largest backward group ({len(biggest_group)} grad passes)", act / GiB))
     lines.append(("transient: backward / largest no-grad pass or decode working set", transient / GiB))
     static = sum(v for _, v in lines[:-2])
@@ -420,7 +421,7 @@ def parse_args(argv: list[str]) -> Any:
     ap = Parser(prog="fewstep-rl plan", description="accelerator memory per role and the largest batch that fits")
     ap.add_argument("--method", required=True)
     ap.add_argument("--world", default="sd3")
-    ap.add_argument("--arch", default="sd3.5-medium")
+    ap.add_argument("--arch", default=None, help="architecture of --world (default: its real one, e.g. sd3.5-medium)")
     ap.add_argument("--roles", default="lora", choices=["lora", "full"])
     ap.add_argument("--precision", default="bf16", choices=sorted(_BYTES))
     ap.add_argument("--devices", type=int, default=1)
@@ -438,14 +439,18 @@ def cmd_plan(argv: list[str]) -> int:
     import yaml
 
     from fewstep_rl.config import ConfigError
-    from fewstep_rl.perf.arch import ARCHS
+    from fewstep_rl.perf.arch import ARCHS, DEFAULT
 
     a = parse_args(argv)
 
-    if a.world != "sd3":
-        raise ConfigError(f"plan: --world must be sd3 (the only world with a real-size architecture), got {a.world!r}")
-    if a.arch not in ARCHS:
-        raise ConfigError(f"plan: unknown --arch {a.arch!r}; known: {', '.join(ARCHS)}")
+    if a.world not in DEFAULT:
+        raise ConfigError(f"plan: --world must be one with real-size architectures ({', '.join(DEFAULT)}), "
+                          f"got {a.world!r}")
+    arch = a.arch or DEFAULT[a.world]
+    if arch not in ARCHS:
+        raise ConfigError(f"plan: unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+    if ARCHS[arch].world != a.world:
+        raise ConfigError(f"plan: --arch {arch} belongs to --world {ARCHS[arch].world}, not {a.world}")
     if a.strategy == "fsdp2" and a.devices < 2:
         raise ConfigError("plan: --strategy fsdp2 needs --devices >= 2")
     over = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in a.set)}
@@ -453,8 +458,8 @@ def cmd_plan(argv: list[str]) -> int:
     if bad:
         raise ConfigError(f"plan: --set takes method.KEY=VALUE, got {bad}")
     try:
-        res = make_plan(a.method, a.arch, a.roles, a.precision, a.devices, a.strategy, a.resolution, over,
-                        a.precomputed_text, a.prompt_cache)
+        res = make_plan(a.method, arch, a.roles, a.precision, a.devices, a.strategy, a.resolution, over,
+                        a.precomputed_text, a.prompt_cache, a.world)
     except ValueError as e:
         raise ConfigError(f"plan: {e}") from None
     print(res.format(a.memory))
