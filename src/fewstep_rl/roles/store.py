@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from fewstep_rl.roles.shards import any_sharded
+
 BASE_ROLES = ("teacher", "reference")
 _FOLD = re.compile(r"^fold(\d+)__([A-Za-z0-9_]+)$")
 
@@ -129,12 +131,45 @@ class RoleStore(nn.Module, ABC):
         ``name``'s current folds (e.g. a generator and its EMA). Full copies have no adapter to freeze: ``into``
         roles become copies of ``name``.
 
+        A fold reserved for exactly these roles (:meth:`reserve_fold`) that is still empty (every weight zero) is
+        filled in place — shard-local copies under FSDP2; otherwise a new fold adapter is created, which is not
+        possible once the backbone is sharded.
+
         Raises:
             KeyError: for an unknown role.
             ValueError: if a role in ``into`` sits on different folds than ``name``.
+            RuntimeError: under FSDP2 sharding, when no empty reserved fold of these roles exists.
         """
         members = self._fold_members(name, into)
+        for f in self.folds:
+            if parse_fold(f)[1] == members and self._fold_is_empty(f):  # type: ignore[index]
+                self._fill_fold(name, members, f)
+                return
+        if self._sharded():
+            raise RuntimeError(
+                f"fold_role: no empty fold reserved for roles {list(members)} and the backbone is sharded with FSDP2 "
+                "(a new fold adapter cannot be created after sharding: reserve it before, RoleStore.reserve_fold / "
+                "FewStepMethod.planned_folds)")
         self._fold(name, members, f"fold{len(self.folds)}__" + "__".join(members))
+
+    def reserve_fold(self, name: str, into: Sequence[str] = ()) -> str | None:
+        """Create now, empty, the fold a later :meth:`fold` of ``name`` into ``into`` will fill; returns its name.
+
+        An empty fold is a frozen adapter whose weights are all zero: it is active under its roles at once but adds
+        exactly zero to their outputs (and gradients), so a role computes bit for bit what it computed before. Its
+        weights are part of the state dict (zeros until filled). This is how a fold works under FSDP2: the adapter
+        exists before ``fully_shard``, and the fold itself is a shard-local copy (:mod:`fewstep_rl.roles.shards`).
+        Stores whose folds create nothing (full copies) return ``None``.
+
+        Raises:
+            KeyError / ValueError: as :meth:`fold`; RuntimeError once sharded.
+        """
+        members = self._fold_members(name, into)
+        if self._sharded():
+            raise RuntimeError("reserve_fold: the backbone is already sharded with FSDP2 (reserve folds before "
+                               "fully_shard)")
+        fold_name = f"fold{len(self.folds)}__" + "__".join(members)
+        return fold_name if self._reserve(fold_name) else None
 
     @abstractmethod
     def activate(self, role: str | None) -> Any:
@@ -207,6 +242,19 @@ class RoleStore(nn.Module, ABC):
     def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
         """Freeze ``name``'s adapter as ``fold_name`` under ``members`` and reset them (see :meth:`fold`)."""
 
+    def _reserve(self, fold_name: str) -> bool:
+        """Create the empty (all-zero, frozen) fold adapter ``fold_name`` and register it; ``False``: nothing to
+        create (the store's folds are copies)."""
+        return False
+
+    def _fold_is_empty(self, fold_name: str) -> bool:
+        """Whether every weight of fold ``fold_name`` is zero (a collective under FSDP2)."""
+        return False
+
+    def _fill_fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        """Copy ``name``'s adapter into the existing empty fold ``fold_name`` and reset ``members``."""
+        raise NotImplementedError(f"{type(self).__name__} has no fold adapters to fill")
+
     def _check_role(self, name: str) -> None:
         if name not in self.roles:
             raise KeyError(f"unknown role {name!r}; this backbone has roles {self.roles}")
@@ -224,10 +272,11 @@ class RoleStore(nn.Module, ABC):
                     f"fold_role: role {r!r} sits on folds {self.folds_of(r)} but {name!r} on {self.folds_of(name)}; "
                     "only roles with the same private base can share a fold"
                 )
-        if any(hasattr(p, "device_mesh") for r in members for p in self.role_parameters(r)):
-            raise RuntimeError("fold_role is not supported once the backbone is sharded with FSDP2 (fold before "
-                               "sharding, or keep training the adapters — RTDMD: method.merge_at_boundary false)")
         return members
+
+    def _sharded(self) -> bool:
+        """Whether FSDP2 has sharded the role state (some role parameter is a ``DTensor``)."""
+        return any(any_sharded(self._parameters_of(r)) for r in self.roles)
 
     def _register_fold(self, fold_name: str) -> None:
         """Record a fold adapter (at fold time or when a checkpoint brings one)."""
