@@ -8,7 +8,10 @@
   ``tests/test_dist_contract.py``); a run stopped after the fold and resumed equals the uninterrupted one.
 """
 
+import functools
 import os
+import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -93,7 +96,7 @@ def test_reserved_folds_change_nothing_and_fold_bit_identically(family, request)
     names = [reserved.reserve_fold(r, into) for r, into in FOLDS]
     assert names == ["fold0__generator__ema", "fold1__fake_score"] and reserved.folds == names
     assert reserved.folds_of("ema") == ["fold0__generator__ema"] and reserved.folds_of("teacher") == []
-    fold_params = ([p for p in reserved.store.folded.parameters()] if family == "toy2d" else
+    fold_params = (list(reserved.store.folded.parameters()) if family == "toy2d" else
                    [p for n, p in reserved.transformer.named_parameters() if ".fold" in n])
     assert fold_params and all(float(p.abs().max()) == 0 and not p.requires_grad for p in fold_params)
     _train_a_little(plain, 1)
@@ -141,3 +144,76 @@ def test_reserved_folds_load_back_and_a_resumed_fold_fills_them():
     with torch.no_grad():
         for r in ("teacher", "generator", "ema", "fake_score"):
             assert torch.equal(dst.velocity(*inputs, r), src.velocity(*inputs, r)), r
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+# RTDMD on toy2d: iteration 0 is stage 1, iteration 1 crosses the boundary (generator ← EMA, two folds) and runs
+# stage 2, iteration 2 (and 3) stage 2 on the folded private bases
+BOUNDARY = {"method.stage1_iterations": 1, "method.batch_size": 4, "method.group_size": 4}
+
+
+def _ckpt_state(path):
+    """``state_dict`` of a ``last.ckpt``: a file (DDP) or a sharded DCP directory (FSDP2, gathered here)."""
+    if path.is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(path, path.parent / "gathered.ckpt")
+        path = path.parent / "gathered.ckpt"
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def _folds(sd):
+    return {k: v for k, v in sd.items() if ".folded." in k}
+
+
+_ROOT = Path(tempfile.mkdtemp(prefix="fewstep-fold-"))
+
+
+@functools.cache
+def _boundary_run(strategy):
+    """RTDMD across its boundary under ``strategy`` (one run per session, shared by the tests below)."""
+    return run_dist("rtdmd", strategy, _ROOT / strategy, steps=3, overrides=BOUNDARY), _ROOT / strategy
+
+
+def test_rtdmd_folds_at_its_stage_boundary_and_runs_stage2_under_fsdp2():
+    fsdp, out = _boundary_run("fsdp2")
+    assert all(r["iteration"] == 2 and r["updates"] == {"generator": 3, "fake_score": 3} for r in fsdp)
+    assert max(ranks_in_sync(fsdp).values()) == 0.0, ranks_in_sync(fsdp)
+    assert check_group_stats(fsdp) >= 2  # stage 2's advantages went through over_ranks on both iterations
+    assert all(r["type"] == "DTensor" and r["local_numel"] < r["numel"] for r in fsdp[0]["roles"].values())
+    folds = _folds(_ckpt_state(out / "last.ckpt"))
+    assert {k.split(".")[3] for k in folds} == {"fold0__generator__ema", "fold1__fake_score"}
+    assert all(float(v.abs().sum()) > 0 for k, v in folds.items() if k.endswith("net.0.weight"))  # filled
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_rtdmd_across_the_fold_under_fsdp2_equals_ddp():
+    (fsdp, out_f), (ddp, out_d) = _boundary_run("fsdp2"), _boundary_run("ddp")
+    assert max(ranks_in_sync(ddp).values()) == 0.0
+    d = max_diff(ddp[0]["weights"], fsdp[0]["weights"])
+    assert max(d.values()) <= DDP_FSDP_TOL, d
+    fold_f, fold_d = _folds(_ckpt_state(out_f / "last.ckpt")), _folds(_ckpt_state(out_d / "last.ckpt"))
+    assert fold_f.keys() == fold_d.keys()
+    assert max(float((fold_f[k] - fold_d[k]).abs().max()) for k in fold_d) <= DDP_FSDP_TOL
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("interrupt", [1, 2])
+def test_rtdmd_resume_across_the_fold_under_fsdp2_is_bit_exact(tmp_path, interrupt):
+    """Stopped before the boundary (its reserved folds empty in the sharded checkpoint) or just after the fold, then
+    resumed to iteration 3: weights and folds equal the uninterrupted run bit for bit."""
+    full = run_dist("rtdmd", "fsdp2", tmp_path / "full", steps=4, overrides=BOUNDARY)
+    run_dist("rtdmd", "fsdp2", tmp_path / "part", steps=4, overrides=BOUNDARY, interrupt_after=interrupt)
+    part_folds = _folds(_ckpt_state(tmp_path / "part" / "last.ckpt"))
+    assert part_folds and all((float(v.abs().max()) == 0) == (interrupt == 1) for v in part_folds.values()
+                              if v.dim() == 2)
+    resumed = run_dist("rtdmd", "fsdp2", tmp_path / "resumed", steps=4, overrides=BOUNDARY,
+                       ckpt_path=tmp_path / "part" / "last.ckpt")
+    assert resumed[0]["iteration"] == full[0]["iteration"] == 3 and resumed[0]["updates"] == full[0]["updates"]
+    d = max_diff(full[0]["weights"], resumed[0]["weights"])
+    assert max(d.values()) == 0.0, d
+    fa, fb = _folds(_ckpt_state(tmp_path / "full" / "last.ckpt")), _folds(_ckpt_state(tmp_path / "resumed" /
+                                                                                     "last.ckpt"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)

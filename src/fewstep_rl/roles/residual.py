@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from fewstep_rl.roles.shards import all_zero
-
 from fewstep_rl.roles.store import RoleStore
 
 
@@ -113,5 +112,6 @@ class ResidualStore(RoleStore):
                 self._register_fold(name)
 
     def networks(self) -> list[nn.Module]:
-        """Each role's adapter (the analytic base has no network)."""
-        return list(self.adapters.values())
+        """Each role's adapter, then the merged and folded ones (the analytic base has no network): each is called
+        through its own ``forward``, so each is its own FSDP2 unit."""
+        return [*self.adapters.values(), *self.merged, *self.folded.values()]
