@@ -182,6 +182,7 @@ class LoraStore(RoleStore):
 
     def activate(self, role: str | None) -> nn.Module:
         """Only ``role``'s adapter (and its folds) active, ``None``: all off; returns the base to call."""
+        self.active_role = role
         if role != self._active and self.roles:
             active = None if role is None else [role, *self.folds_of(role)]
             for _, layer in self.layers():

@@ -90,6 +90,7 @@ class ResidualStore(RoleStore):
 
     def activate(self, role: str | None) -> list[nn.Module]:
         """The adapters whose outputs ``role`` adds to the base, in order: merged, the role's folds, its own."""
+        self.active_role = role
         out = list(self.merged)
         if role is not None:
             out += [self.folded[f] for f in self.folds_of(role)]

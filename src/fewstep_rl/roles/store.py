@@ -62,6 +62,7 @@ class RoleStore(nn.Module, ABC):
     Attributes:
         kind: ``"lora"``, ``"full"`` or ``"residual"``.
         roles: role names in creation order.
+        active_role: the role the last :meth:`activate` made active (``None``: the bare base).
         trainable: role → trainable (``False``: a snapshot).
         folds: fold adapters in creation order.
     """
@@ -75,6 +76,7 @@ class RoleStore(nn.Module, ABC):
         self.trainable: dict[str, bool] = {}
         self.folds: list[str] = []
         self._resets: dict[str, int] = {}
+        self.active_role: str | None = None  # the role of the last :meth:`activate` (activation checkpointing)
 
     @property
     def base(self) -> nn.Module | None:
