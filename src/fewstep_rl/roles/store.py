@@ -18,7 +18,9 @@ Two ways to make a role permanent (both part of the checkpoint):
 * :meth:`RoleStore.fold` folds a role into the private base of chosen roles only: a frozen copy of its adapter
   (a *fold*, named ``fold<k>__<role>__<role>…`` after the roles it serves) stays active under those roles, which
   restart from fresh zero-output adapters on top. The teacher and every other role are unchanged (RTDMD's stage
-  boundary, methods.md §2).
+  boundary, methods.md §2). :meth:`RoleStore.reserve_fold` creates a fold's adapter early and empty (all zero: no
+  effect), so that the fold itself only copies weights — the way folds work under FSDP2, where no adapter can be
+  created after sharding (:mod:`fewstep_rl.roles.shards`).
 
 State dict. The store is a sub-module of its backbone (attribute ``store``): everything it registers itself is role
 state. A store that keeps role state *inside* the base (LoRA layers; a full-copy base after a merge) says so with
