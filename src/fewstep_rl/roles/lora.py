@@ -156,7 +156,7 @@ class LoraStore(RoleStore):
 
     @torch.no_grad()
     def _fill_fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
-        """``A``/``B`` of fold ``fold_name`` ← ``name``'s (shard-local under FSDP2); every member gets a fresh adapter."""
+        """``A``/``B`` of fold ``fold_name`` ← ``name``'s (shard-local under FSDP2); fresh adapters for the members."""
         for _, layer in self.layers():
             layer.lora_A[fold_name].weight.copy_(layer.lora_A[name].weight)
             layer.lora_B[fold_name].weight.copy_(layer.lora_B[name].weight)
