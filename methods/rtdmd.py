@@ -64,8 +64,9 @@ Deviations from the paper / reference code:
       merged-weights-plus-new-LoRA; the frozen adapter costs one extra rank-r LoRA product per forward instead of
       being folded into W). Full-copy roles have nothing to freeze. ``merge_at_boundary: false`` keeps training the
       stage-1 adapters instead. Under FSDP2 the two folds are declared in ``planned_folds``: their adapters are
-      created empty (all zero: no effect on any output) before sharding, and the boundary fills them with
-      shard-local copies, so stage 2 runs sharded (also with ``init_from``).
+      created empty (all zero: no effect on any output; stage 1 pays their extra LoRA product per forward) before
+      sharding, and the boundary fills them with shard-local copies, so stage 2 runs sharded. (``init_from`` with
+      ``stage1_iterations: 0`` folds the same way; that path is not yet exercised under FSDP2 by the tests.)
     * Generator step on iterations with ``iteration % ttur == 0`` (the code: ``(it+1) % 10 == 0``) — a phase shift.
     * An epoch is one prompt batch per rank (``batch_size`` prompts × ``group_size``), rolled out in ``micro_batches``
       chunks that are also the training micro-batches (no shuffle between rollout and training, so a chunk's
