@@ -151,6 +151,7 @@ def _dist_shapes(out, overrides):
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two 2-process runs of the shapes world: ~4 min, ~9 min on 2 loaded cores
 def test_activation_checkpointing_under_fsdp2_equals_plain(tmp_path):
     """dmd2 on shapes under FSDP2 (blocks are FSDP units, recomputed inside their unit): with checkpointing of both
     trainable roles the ranks stay in sync and the weights equal the run without it."""
