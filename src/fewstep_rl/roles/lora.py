@@ -150,6 +150,7 @@ class LoraStore(RoleStore):
     @torch.no_grad()
     def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
         """A frozen adapter ``fold_name`` = copy of ``name``'s; every member gets a fresh adapter."""
+        self._refuse_new_fold_if_sharded(members)
         self._add_adapter(fold_name)
         self._register_fold(fold_name)
         self._fill_fold(name, members, fold_name)

@@ -62,6 +62,7 @@ class ResidualStore(RoleStore):
         self.merged.append(copy.deepcopy(self.adapters[name]).requires_grad_(False))
 
     def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        self._refuse_new_fold_if_sharded(members)
         self.folded[fold_name] = copy.deepcopy(self.adapters[name]).requires_grad_(False)
         self._register_fold(fold_name)
         for r in members:

@@ -137,23 +137,18 @@ class RoleStore(nn.Module, ABC):
 
         A fold reserved for exactly these roles (:meth:`reserve_fold`) that is still empty (every weight zero) is
         filled in place — shard-local copies under FSDP2; otherwise a new fold adapter is created, which is not
-        possible once the backbone is sharded.
+        possible once the backbone is sharded (full copies create nothing and fold sharded as they are).
 
         Raises:
             KeyError: for an unknown role.
             ValueError: if a role in ``into`` sits on different folds than ``name``.
-            RuntimeError: under FSDP2 sharding, when no empty reserved fold of these roles exists.
+            RuntimeError: under FSDP2 sharding, when a new fold adapter would be needed (no empty reserved one).
         """
         members = self._fold_members(name, into)
         for f in self.folds:
             if parse_fold(f)[1] == members and self._fold_is_empty(f):  # type: ignore[index]
                 self._fill_fold(name, members, f)
                 return
-        if self._sharded():
-            raise RuntimeError(
-                f"fold_role: no empty fold reserved for roles {list(members)} and the backbone is sharded with FSDP2 "
-                "(a new fold adapter cannot be created after sharding: reserve it before, RoleStore.reserve_fold / "
-                "FewStepMethod.planned_folds)")
         self._fold(name, members, f"fold{len(self.folds)}__" + "__".join(members))
 
     def reserve_fold(self, name: str, into: Sequence[str] = ()) -> str | None:
@@ -281,6 +276,14 @@ class RoleStore(nn.Module, ABC):
     def _sharded(self) -> bool:
         """Whether FSDP2 has sharded the role state (some role parameter is a ``DTensor``)."""
         return any(any_sharded(self._parameters_of(r)) for r in self.roles)
+
+    def _refuse_new_fold_if_sharded(self, members: tuple[str, ...]) -> None:
+        """For stores whose fold creates an adapter: that is impossible once FSDP2 sharded the backbone."""
+        if self._sharded():
+            raise RuntimeError(
+                f"fold_role: no empty fold reserved for roles {list(members)} and the backbone is sharded with FSDP2 "
+                "(a new fold adapter cannot be created after sharding: reserve it before, RoleStore.reserve_fold / "
+                "FewStepMethod.planned_folds)")
 
     def _register_fold(self, fold_name: str) -> None:
         """Record a fold adapter (at fold time or when a checkpoint brings one)."""
