@@ -172,7 +172,7 @@ _ROOT = Path(tempfile.mkdtemp(prefix="fewstep-fold-"))
 @functools.cache
 def _boundary_run(strategy):
     """RTDMD across its boundary under ``strategy`` (one run per session, shared by the tests below)."""
-    return run_dist("rtdmd", strategy, _ROOT / strategy, steps=3, overrides=BOUNDARY), _ROOT / strategy
+    return run_dist("rtdmd", strategy, _ROOT / strategy, steps=3, overrides=BOUNDARY, timeout=900), _ROOT / strategy
 
 
 def test_rtdmd_folds_at_its_stage_boundary_and_runs_stage2_under_fsdp2():
@@ -204,13 +204,13 @@ def test_rtdmd_across_the_fold_under_fsdp2_equals_ddp():
 def test_rtdmd_resume_across_the_fold_under_fsdp2_is_bit_exact(tmp_path, interrupt):
     """Stopped before the boundary (its reserved folds empty in the sharded checkpoint) or just after the fold, then
     resumed to iteration 3: weights and folds equal the uninterrupted run bit for bit."""
-    full = run_dist("rtdmd", "fsdp2", tmp_path / "full", steps=4, overrides=BOUNDARY)
-    run_dist("rtdmd", "fsdp2", tmp_path / "part", steps=4, overrides=BOUNDARY, interrupt_after=interrupt)
+    full = run_dist("rtdmd", "fsdp2", tmp_path / "full", steps=4, overrides=BOUNDARY, timeout=900)
+    run_dist("rtdmd", "fsdp2", tmp_path / "part", steps=4, overrides=BOUNDARY, interrupt_after=interrupt, timeout=900)
     part_folds = _folds(_ckpt_state(tmp_path / "part" / "last.ckpt"))
     assert part_folds and all((float(v.abs().max()) == 0) == (interrupt == 1) for v in part_folds.values()
                               if v.dim() == 2)
     resumed = run_dist("rtdmd", "fsdp2", tmp_path / "resumed", steps=4, overrides=BOUNDARY,
-                       ckpt_path=tmp_path / "part" / "last.ckpt")
+                       ckpt_path=tmp_path / "part" / "last.ckpt", timeout=900)
     assert resumed[0]["iteration"] == full[0]["iteration"] == 3 and resumed[0]["updates"] == full[0]["updates"]
     d = max_diff(full[0]["weights"], resumed[0]["weights"])
     assert max(d.values()) == 0.0, d
