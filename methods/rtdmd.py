@@ -62,9 +62,11 @@ Deviations from the paper / reference code:
       generator's adapter is frozen into the private base of the generator and the EMA role, and the fake score's
       into its own; all three continue on fresh zero-output adapters (the same function as the paper's
       merged-weights-plus-new-LoRA; the frozen adapter costs one extra rank-r LoRA product per forward instead of
-      being folded into W). Full-copy roles have nothing to freeze. ``merge_at_boundary: false`` keeps training the stage-1 adapters instead (the
-      only option once the backbone is sharded with FSDP2, where folding is not supported; run stage 2 with
-      ``init_from`` to fold before sharding is not implemented either).
+      being folded into W). Full-copy roles have nothing to freeze. ``merge_at_boundary: false`` keeps training the
+      stage-1 adapters instead. Under FSDP2 the two folds are declared in ``planned_folds``: their adapters are
+      created empty (all zero: no effect on any output; stage 1 pays their extra LoRA product per forward) before
+      sharding, and the boundary fills them with shard-local copies, so stage 2 runs sharded. (``init_from`` with
+      ``stage1_iterations: 0`` folds the same way; that path is not yet exercised under FSDP2 by the tests.)
     * Generator step on iterations with ``iteration % ttur == 0`` (the code: ``(it+1) % 10 == 0``) — a phase shift.
     * An epoch is one prompt batch per rank (``batch_size`` prompts × ``group_size``), rolled out in ``micro_batches``
       chunks that are also the training micro-batches (no shuffle between rollout and training, so a chunk's
@@ -270,6 +272,8 @@ class RTDMD(FewStepMethod):
         self.keep_last_rollout = False  # testing: keep (subset, prompts, trajectories) of the last epoch
         if cfg.ppo_kl > 0:  # frozen PPO reference: the generator as it enters stage 2
             self.snapshot_roles = {**type(self).snapshot_roles, "ppo_ref": "generator"}
+        if cfg.merge_at_boundary and (cfg.stage1_iterations > 0 or cfg.init_from):  # the folds of _fold_stage1
+            self.planned_folds = (("generator", ("ema", *self._ppo_ref())), ("fake_score", ()))
         self.last_rollout: tuple[tuple[int, ...], list[str], list[Trajectory]] | None = None
         self.bp_active = cfg.bp() > 0 and len(self.rewards.differentiable_subset()) > 0
         if cfg.bp() > 0 and not self.bp_active:
@@ -318,13 +322,16 @@ class RTDMD(FewStepMethod):
     def _fold_stage1(self) -> None:
         """The paper's "merge the stage-1 adapters into the base and start fresh ones", per role (module docstring):
         the generator (= its EMA here) into the generator's and the EMA's private base, the fake score into its own."""
-        ref = ["ppo_ref"] if "ppo_ref" in self.snapshot_roles else []
+        ref = self._ppo_ref()
         if not self.cfg.merge_at_boundary:
             for r in ref:
                 copy_role(self.backbone, r, "generator")
             return
-        self.backbone.fold_role("generator", into=["ema", *ref])
+        self.backbone.fold_role("generator", into=["ema", *ref])  # the order of planned_folds
         self.backbone.fold_role("fake_score")
+
+    def _ppo_ref(self) -> tuple[str, ...]:
+        return ("ppo_ref",) if "ppo_ref" in self.snapshot_roles else ()
 
     # ------------------------------------------------------------------ shared pieces
     def _renoise(self, x_s: Tensor, s: Tensor, tag: str) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,7 +17,8 @@ def test_roles_section_defaults_come_from_the_world():
     assert resolve("dmd2", "toy2d", (), {}).roles == RolesConfig()
     r = resolve("dmd2", "shapes", (), {"roles.mode": "full", "roles.rank": 4}, use_preset=False)
     assert (r.roles.mode, r.roles.rank, r.roles.alpha) == ("full", 4, 32.0)
-    assert r.to_dict()["roles"] == {"mode": "full", "rank": 4, "alpha": 32.0, "targets": None}
+    assert r.to_dict()["roles"] == {"mode": "full", "rank": 4, "alpha": 32.0, "targets": None,
+                                    "activation_checkpointing": []}
     assert resolve("dmd2", "sd3", (), SD3).roles.rank == 64  # the preset's roles section
 
 

@@ -42,6 +42,8 @@ class FewStepMethod(L.LightningModule):
         paper: citation shown in ``--help``.
         trainable_roles: roles with an optimiser, in optimiser order.
         snapshot_roles: ``{snapshot: source}`` parameter copies (EMA, old, sampler).
+        planned_folds: ``(role, into)`` of every ``backbone.fold_role(role, into)`` the method may make, in order;
+            under FSDP2 their (empty) fold adapters are reserved before sharding (:meth:`RoleStore.reserve_fold`).
         reward_driven: the method optimises rewards and needs ``beta`` and at least one reward.
 
     Rewards: ``self.rewards`` holds the rewards with a nonzero weight, the only ones training computes;
@@ -54,6 +56,7 @@ class FewStepMethod(L.LightningModule):
     Config: ClassVar[type]
     trainable_roles: ClassVar[tuple[str, ...]] = ("generator",)
     snapshot_roles: ClassVar[dict[str, str]] = {}
+    planned_folds: tuple[tuple[str, tuple[str, ...]], ...] = ()
     reward_driven: ClassVar[bool] = False
     strict_loading = False
 
@@ -95,6 +98,8 @@ class FewStepMethod(L.LightningModule):
         if strategy is not None and type(strategy).__name__ == "ModelParallelStrategy":
             from torch.distributed.fsdp import fully_shard
 
+            for role, into in self.planned_folds:  # empty folds now: a fold after sharding fills them in place
+                self.backbone.reserve_fold(role, into)
             mesh = self.device_mesh["data_parallel"]
             for unit in self.backbone.fsdp_units():
                 fully_shard(unit, mesh=mesh)

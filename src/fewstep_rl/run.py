@@ -210,6 +210,10 @@ def resolve(
     method_cfg = build(method_cls.Config, msec, "method")
     world_cfg = build(world_cls.Config, wsec, "world")
     roles_cfg = resolve_roles(rsec, world_cls)
+    try:
+        roles_cfg.check_checkpointed_roles(tuple(getattr(method_cls, "trainable_roles", ())), method)
+    except ValueError as e:
+        raise ConfigError(f"'roles': {e}") from None
     trainer_cfg = build(TrainerConfig, merged.get("trainer"), "trainer")
     rewards = resolve_rewards(merged.get("rewards"), world_cls, world_cfg)
     judges, monitor = resolve_judges(merged, world_cls, world_cfg)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep_rl.roles.snapshots import reshard
 from fewstep_rl.roles.store import BASE_ROLES, RoleStore, parse_fold
 
 __all__ = ["BASE_ROLES", "Backbone", "BackboneLoadError", "parse_fold"]
@@ -140,15 +141,24 @@ class Backbone(nn.Module, ABC):
 
     def reset_role(self, name: str) -> None:
         """Re-initialise role ``name`` to equal the base again (:meth:`RoleStore.reset`)."""
+        reshard(self)
         self.store.reset(name)
 
     def merge_role(self, name: str) -> None:
         """Fold role ``name`` into the base every role shares, then reset it (:meth:`RoleStore.merge`)."""
+        reshard(self)
         self.store.merge(name)
 
     def fold_role(self, name: str, into: Sequence[str] = ()) -> None:
-        """Fold role ``name`` into the private base of ``name`` and ``into`` (:meth:`RoleStore.fold`)."""
+        """Fold role ``name`` into the private base of ``name`` and ``into`` (:meth:`RoleStore.fold`); under FSDP2
+        this fills the fold reserved before sharding (:meth:`reserve_fold`)."""
+        reshard(self)
         self.store.fold(name, into)
+
+    def reserve_fold(self, name: str, into: Sequence[str] = ()) -> str | None:
+        """Create, empty, the fold a later ``fold_role(name, into)`` fills (:meth:`RoleStore.reserve_fold`); call it
+        before FSDP2 sharding."""
+        return self.store.reserve_fold(name, into)
 
     def folds_of(self, role: str | None) -> list[str]:
         """The fold adapters active under ``role`` (its private base), in creation order."""

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from fewstep_rl.backbones.base import Backbone
 from fewstep_rl.roles.residual import ResidualStore
+from fewstep_rl.roles.shards import assign_
 
 #: Frequencies of the sin/cos features of σ fed to the adapters: φ(σ) = [σ, sin(fπσ), cos(fπσ) for f in FREQS].
 SIGMA_FREQS = (1.0, 2.0, 4.0)
@@ -118,7 +119,7 @@ class ResidualMLP(nn.Module):
             bound = 1.0 / math.sqrt(lin.in_features)
             for p in (lin.weight, lin.bias):
                 u = torch.rand(p.shape, generator=generator, dtype=torch.float64, device=generator.device)
-                p.copy_(((2 * u - 1) * bound).to(p))
+                assign_(p, (2 * u - 1) * bound)  # the full init on every rank; an FSDP2 shard keeps its chunk
         linears[-1].weight.zero_()
         linears[-1].bias.zero_()
 

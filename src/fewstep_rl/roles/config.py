@@ -30,6 +30,10 @@ class RolesConfig:
     alpha: float | None = knob(None, "LoRA alpha, scale alpha/r (default: the world's; sd3 64, shapes 32)")
     targets: list[str] | None = knob(None, "module names LoRA adapts (default: the backbone family's attention "
                                            "projections)")
+    activation_checkpointing: list[str] = knob(
+        [], "trainable roles whose gradient passes recompute each transformer block in backward (activation "
+            "checkpointing per role, e.g. [generator, fake_score]; the block is recomputed under the role of its "
+            "forward); [] = off")
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 1:
@@ -38,6 +42,20 @@ class RolesConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.targets is not None and not self.targets:
             raise ValueError("targets must name at least one module (or be null for the family's default)")
+        if len(set(self.activation_checkpointing)) != len(self.activation_checkpointing):
+            raise ValueError(f"activation_checkpointing names a role twice: {self.activation_checkpointing}")
+
+    def check_checkpointed_roles(self, trainable: tuple[str, ...] | list[str], method: str) -> None:
+        """Every role in ``activation_checkpointing`` must be one of the method's trainable roles (the only ones with
+        gradient passes).
+
+        Raises:
+            ValueError: naming the unknown role and the method's trainable roles.
+        """
+        for role in self.activation_checkpointing:
+            if role not in trainable:
+                raise ValueError(f"activation_checkpointing: {role!r} is not a trainable role of {method} (its "
+                                 f"trainable roles: {', '.join(trainable)})")
 
     @property
     def lora_rank(self) -> int:

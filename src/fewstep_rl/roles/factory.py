@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from fewstep_rl.roles import checkpointing
 from fewstep_rl.roles.config import RolesConfig
 from fewstep_rl.roles.full import FullCopyStore
 from fewstep_rl.roles.lora import LoraStore, resolve_targets
@@ -13,7 +14,8 @@ from fewstep_rl.roles.store import RoleStore
 
 
 def build_store(roles: RolesConfig | None, base: nn.Module, *, default_targets: Sequence[str], family: str) -> RoleStore:
-    """``LoraStore`` (``roles.mode: lora``) or ``FullCopyStore`` (``full``) over ``base``.
+    """``LoraStore`` (``roles.mode: lora``) or ``FullCopyStore`` (``full``) over ``base``, with the per-role
+    activation checkpointing of ``roles.activation_checkpointing`` (:mod:`fewstep_rl.roles.checkpointing`).
 
     Args:
         roles: the ``roles`` section (``None``: LoRA with the default rank and alpha).
@@ -23,12 +25,17 @@ def build_store(roles: RolesConfig | None, base: nn.Module, *, default_targets: 
             (``"<family>-lora"``).
 
     Raises:
-        ValueError: for LoRA targets that do not exist in ``base``.
+        ValueError: for LoRA targets that do not exist in ``base``; for activation checkpointing of a network without
+            transformer blocks.
     """
     roles = roles or RolesConfig()
+    store: RoleStore
     if roles.mode == "full":
-        return FullCopyStore(base)
-    if roles.mode != "lora":
+        store = FullCopyStore(base)
+    elif roles.mode == "lora":
+        targets = resolve_targets(base, roles.targets, default_targets, family)
+        store = LoraStore(base, roles.lora_rank, roles.lora_alpha, targets, seed_tag=f"{family}-lora")
+    else:
         raise ValueError(f"roles.mode must be 'lora' or 'full', got {roles.mode!r}")
-    targets = resolve_targets(base, roles.targets, default_targets, family)
-    return LoraStore(base, roles.lora_rank, roles.lora_alpha, targets, seed_tag=f"{family}-lora")
+    checkpointing.enable(store, base, roles.activation_checkpointing)  # full copies inherit it (deep copies)
+    return store

@@ -60,6 +60,7 @@ class FullCopyStore(RoleStore):
 
     def activate(self, role: str | None) -> nn.Module:
         """The role's copy (``None``: the base)."""
+        self.active_role = role
         return self.base if role is None else self.copies[role]
 
     def is_base_key(self, key: str) -> bool:

@@ -16,9 +16,11 @@ The only module of fewstep-rl that imports peft (an import-linter contract).
 * A fold adds a frozen peft adapter ``fold<k>__<roles>`` holding a copy of the role's ``A``/``B``; loading a state
   dict creates the fold adapters it names.
 
-Not supported under FSDP2 sharding: reset, merge, fold and loading merge records (they write whole tensors into
-possibly sharded parameters). Gradient checkpointing would recompute a forward with whatever adapter is active at
-backward time, so keep it off when roles are interleaved.
+Under FSDP2 sharding (:mod:`fewstep_rl.roles.shards`): reset writes each rank's chunk of the seeded full init; a
+fold fills an empty fold adapter reserved before sharding (:meth:`RoleStore.reserve_fold`; creating one afterwards
+is refused). Merges and loading merge records write new state into the base and stay refused there.
+Activation checkpointing recomputes a forward at backward time, when another role may be active: it goes through
+:func:`fewstep_rl.roles.checkpointing.checkpointed`, which re-activates the role of the forward.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from fewstep_rl.roles.shards import all_zero, assign_
 from fewstep_rl.roles.store import RoleStore, parse_fold
 from fewstep_rl.sampling.noise import stable_hash
 
@@ -132,6 +135,9 @@ class LoraStore(RoleStore):
     @torch.no_grad()
     def _merge(self, name: str) -> None:
         """``W += scale·B·A`` on every adapted layer, recorded in ``merged``."""
+        if self._sharded():
+            raise RuntimeError("merge_role is not supported once the backbone is sharded with FSDP2 (a merge record "
+                               "is new state; fold_role with a reserved fold is)")
         record = nn.ModuleDict()
         for path, layer in self.layers():
             up = (layer.lora_B[name].weight * layer.scaling[name]).detach().clone()
@@ -144,18 +150,40 @@ class LoraStore(RoleStore):
     @torch.no_grad()
     def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
         """A frozen adapter ``fold_name`` = copy of ``name``'s; every member gets a fresh adapter."""
+        self._refuse_new_fold_if_sharded(members)
         self._add_adapter(fold_name)
+        self._register_fold(fold_name)
+        self._fill_fold(name, members, fold_name)
+
+    @torch.no_grad()
+    def _fill_fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        """``A``/``B`` of fold ``fold_name`` ← ``name``'s (shard-local under FSDP2); fresh adapters for the members."""
         for _, layer in self.layers():
             layer.lora_A[fold_name].weight.copy_(layer.lora_A[name].weight)
             layer.lora_B[fold_name].weight.copy_(layer.lora_B[name].weight)
-        self._register_fold(fold_name)
         for r in members:
             self.reset(r)
         self._active = _UNSET
         self._restore_grad()
 
+    @torch.no_grad()
+    def _reserve(self, fold_name: str) -> bool:
+        """An empty fold adapter: ``A = B = 0`` (its product is exactly zero), frozen."""
+        self._add_adapter(fold_name)
+        for _, layer in self.layers():
+            layer.lora_A[fold_name].weight.zero_()
+            layer.lora_B[fold_name].weight.zero_()
+        self._register_fold(fold_name)
+        self._restore_grad()
+        return True
+
+    def _fold_is_empty(self, fold_name: str) -> bool:
+        return all_zero(w for _, layer in self.layers() for w in (layer.lora_A[fold_name].weight,
+                                                                    layer.lora_B[fold_name].weight))
+
     def activate(self, role: str | None) -> nn.Module:
         """Only ``role``'s adapter (and its folds) active, ``None``: all off; returns the base to call."""
+        self.active_role = role
         if role != self._active and self.roles:
             active = None if role is None else [role, *self.folds_of(role)]
             for _, layer in self.layers():
@@ -253,7 +281,7 @@ class LoraStore(RoleStore):
             a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
             gen = torch.Generator().manual_seed(stable_hash(self.seed_tag, name, self._resets[name], path))
             u = torch.rand(a.shape, generator=gen, dtype=torch.float64, device="cpu")
-            a.copy_(((2 * u - 1) / math.sqrt(a.shape[1])).to(a))
+            assign_(a, (2 * u - 1) / math.sqrt(a.shape[1]))  # the full init on every rank; a shard keeps its chunk
             b.zero_()
 
     def _grow_folds(self, state_dict: dict, base_prefix: str) -> None:
@@ -269,6 +297,9 @@ class LoraStore(RoleStore):
             if missing:
                 raise RuntimeError(f"state dict has fold {name!r} for role(s) {missing} this backbone lacks "
                                    f"(roles here: {self.roles})")
+            if self._sharded():
+                raise RuntimeError(f"state dict has fold {name!r}, which this FSDP2-sharded backbone lacks (folds "
+                                   f"here: {self.folds}; reserve it before sharding)")
             self._add_adapter(name)
             self._register_fold(name)
             self._restore_grad()
@@ -282,6 +313,9 @@ class LoraStore(RoleStore):
                 incoming.setdefault(int(idx), {}).setdefault(layer, {})[which] = v
         if not incoming:
             return
+        if len(incoming) > len(self.merged) and self._sharded():
+            raise RuntimeError("state dict has merge records this FSDP2-sharded backbone has not applied (load them "
+                               "before sharding)")
         if sorted(incoming) != list(range(len(incoming))) or len(incoming) < len(self.merged):
             raise RuntimeError(f"state dict has merge records {sorted(incoming)}; this backbone has "
                                f"{len(self.merged)} (load merges into a fresh backbone)")

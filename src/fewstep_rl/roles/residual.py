@@ -3,7 +3,8 @@
 Role ``r`` predicts ``base(x, σ, c) + Σ merged + Σ folds of r + a_r(x, σ, c)``: an adapter is any module
 ``a(x, σ, c)`` whose output starts at zero (toy2d's residual MLPs with a zero last layer), so every role starts
 exactly equal to the base. A merge appends a frozen copy of the role's adapter to ``merged`` (the base every role
-shares); a fold stores a frozen copy under ``folded[fold name]``, active under the fold's member roles.
+shares); a fold stores a frozen copy under ``folded[fold name]``, active under the fold's member roles (a fold
+reserved before FSDP2 sharding is an all-zero adapter there, filled by parameter copies at fold time).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import copy
 from collections.abc import Callable
 from typing import ClassVar
 
+import torch
 from torch import nn
 
+from fewstep_rl.roles.shards import all_zero
 from fewstep_rl.roles.store import RoleStore
 
 
@@ -53,16 +56,42 @@ class ResidualStore(RoleStore):
         self.init_adapter(self.adapters[name], name, self._resets[name])
 
     def _merge(self, name: str) -> None:
+        if self._sharded():
+            raise RuntimeError("merge_role is not supported once the backbone is sharded with FSDP2 (a merged adapter "
+                               "is new state; fold_role with a reserved fold is)")
         self.merged.append(copy.deepcopy(self.adapters[name]).requires_grad_(False))
 
     def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        self._refuse_new_fold_if_sharded(members)
         self.folded[fold_name] = copy.deepcopy(self.adapters[name]).requires_grad_(False)
         self._register_fold(fold_name)
         for r in members:
             self.reset(r)
 
+    @torch.no_grad()
+    def _fill_fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        """Parameters of the empty fold ``fold_name`` ← ``name``'s adapter's (shard-local under FSDP2); reset."""
+        for d, s in zip(self.folded[fold_name].parameters(), self.adapters[name].parameters(), strict=True):
+            d.copy_(s)
+        for r in members:
+            self.reset(r)
+
+    @torch.no_grad()
+    def _reserve(self, fold_name: str) -> bool:
+        """An empty fold: a new adapter with every parameter zero (output exactly zero), frozen."""
+        adapter = self.new_adapter().requires_grad_(False)
+        for p in adapter.parameters():
+            p.zero_()
+        self.folded[fold_name] = adapter
+        self._register_fold(fold_name)
+        return True
+
+    def _fold_is_empty(self, fold_name: str) -> bool:
+        return all_zero(self.folded[fold_name].parameters())
+
     def activate(self, role: str | None) -> list[nn.Module]:
         """The adapters whose outputs ``role`` adds to the base, in order: merged, the role's folds, its own."""
+        self.active_role = role
         out = list(self.merged)
         if role is not None:
             out += [self.folded[f] for f in self.folds_of(role)]
@@ -78,9 +107,13 @@ class ResidualStore(RoleStore):
         head = prefix + "folded."
         for name in sorted({k[len(head):].split(".", 1)[0] for k in state_dict if k.startswith(head)}):
             if name not in self.folded:
+                if self._sharded():
+                    raise RuntimeError(f"state dict has fold {name!r}, which this FSDP2-sharded backbone lacks (folds "
+                                       f"here: {self.folds}; reserve it before sharding)")
                 self.folded[name] = self.new_adapter().requires_grad_(False)
                 self._register_fold(name)
 
     def networks(self) -> list[nn.Module]:
-        """Each role's adapter (the analytic base has no network)."""
-        return list(self.adapters.values())
+        """Each role's adapter, then the merged and folded ones (the analytic base has no network): each is called
+        through its own ``forward``, so each is its own FSDP2 unit."""
+        return [*self.adapters.values(), *self.merged, *self.folded.values()]

@@ -18,7 +18,9 @@ Two ways to make a role permanent (both part of the checkpoint):
 * :meth:`RoleStore.fold` folds a role into the private base of chosen roles only: a frozen copy of its adapter
   (a *fold*, named ``fold<k>__<role>__<role>…`` after the roles it serves) stays active under those roles, which
   restart from fresh zero-output adapters on top. The teacher and every other role are unchanged (RTDMD's stage
-  boundary, methods.md §2).
+  boundary, methods.md §2). :meth:`RoleStore.reserve_fold` creates a fold's adapter early and empty (all zero: no
+  effect), so that the fold itself only copies weights — the way folds work under FSDP2, where no adapter can be
+  created after sharding (:mod:`fewstep_rl.roles.shards`).
 
 State dict. The store is a sub-module of its backbone (attribute ``store``): everything it registers itself is role
 state. A store that keeps role state *inside* the base (LoRA layers; a full-copy base after a merge) says so with
@@ -34,6 +36,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+
+from fewstep_rl.roles.shards import any_sharded
 
 BASE_ROLES = ("teacher", "reference")
 _FOLD = re.compile(r"^fold(\d+)__([A-Za-z0-9_]+)$")
@@ -60,6 +64,7 @@ class RoleStore(nn.Module, ABC):
     Attributes:
         kind: ``"lora"``, ``"full"`` or ``"residual"``.
         roles: role names in creation order.
+        active_role: the role the last :meth:`activate` made active (``None``: the bare base).
         trainable: role → trainable (``False``: a snapshot).
         folds: fold adapters in creation order.
     """
@@ -73,6 +78,7 @@ class RoleStore(nn.Module, ABC):
         self.trainable: dict[str, bool] = {}
         self.folds: list[str] = []
         self._resets: dict[str, int] = {}
+        self.active_role: str | None = None  # the role of the last :meth:`activate` (activation checkpointing)
 
     @property
     def base(self) -> nn.Module | None:
@@ -129,12 +135,40 @@ class RoleStore(nn.Module, ABC):
         ``name``'s current folds (e.g. a generator and its EMA). Full copies have no adapter to freeze: ``into``
         roles become copies of ``name``.
 
+        A fold reserved for exactly these roles (:meth:`reserve_fold`) that is still empty (every weight zero) is
+        filled in place — shard-local copies under FSDP2; otherwise a new fold adapter is created, which is not
+        possible once the backbone is sharded (full copies create nothing and fold sharded as they are).
+
         Raises:
             KeyError: for an unknown role.
             ValueError: if a role in ``into`` sits on different folds than ``name``.
+            RuntimeError: under FSDP2 sharding, when a new fold adapter would be needed (no empty reserved one).
         """
         members = self._fold_members(name, into)
+        for f in self.folds:
+            if parse_fold(f)[1] == members and self._fold_is_empty(f):  # type: ignore[index]
+                self._fill_fold(name, members, f)
+                return
         self._fold(name, members, f"fold{len(self.folds)}__" + "__".join(members))
+
+    def reserve_fold(self, name: str, into: Sequence[str] = ()) -> str | None:
+        """Create now, empty, the fold a later :meth:`fold` of ``name`` into ``into`` will fill; returns its name.
+
+        An empty fold is a frozen adapter whose weights are all zero: it is active under its roles at once but adds
+        exactly zero to their outputs (and gradients), so a role computes bit for bit what it computed before. Its
+        weights are part of the state dict (zeros until filled). This is how a fold works under FSDP2: the adapter
+        exists before ``fully_shard``, and the fold itself is a shard-local copy (:mod:`fewstep_rl.roles.shards`).
+        Stores whose folds create nothing (full copies) return ``None``.
+
+        Raises:
+            KeyError / ValueError: as :meth:`fold`; RuntimeError once sharded.
+        """
+        members = self._fold_members(name, into)
+        if self._sharded():
+            raise RuntimeError("reserve_fold: the backbone is already sharded with FSDP2 (reserve folds before "
+                               "fully_shard)")
+        fold_name = f"fold{len(self.folds)}__" + "__".join(members)
+        return fold_name if self._reserve(fold_name) else None
 
     @abstractmethod
     def activate(self, role: str | None) -> Any:
@@ -207,6 +241,19 @@ class RoleStore(nn.Module, ABC):
     def _fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
         """Freeze ``name``'s adapter as ``fold_name`` under ``members`` and reset them (see :meth:`fold`)."""
 
+    def _reserve(self, fold_name: str) -> bool:
+        """Create the empty (all-zero, frozen) fold adapter ``fold_name`` and register it; ``False``: nothing to
+        create (the store's folds are copies)."""
+        return False
+
+    def _fold_is_empty(self, fold_name: str) -> bool:
+        """Whether every weight of fold ``fold_name`` is zero (a collective under FSDP2)."""
+        return False
+
+    def _fill_fold(self, name: str, members: tuple[str, ...], fold_name: str) -> None:
+        """Copy ``name``'s adapter into the existing empty fold ``fold_name`` and reset ``members``."""
+        raise NotImplementedError(f"{type(self).__name__} has no fold adapters to fill")
+
     def _check_role(self, name: str) -> None:
         if name not in self.roles:
             raise KeyError(f"unknown role {name!r}; this backbone has roles {self.roles}")
@@ -224,10 +271,19 @@ class RoleStore(nn.Module, ABC):
                     f"fold_role: role {r!r} sits on folds {self.folds_of(r)} but {name!r} on {self.folds_of(name)}; "
                     "only roles with the same private base can share a fold"
                 )
-        if any(hasattr(p, "device_mesh") for r in members for p in self.role_parameters(r)):
-            raise RuntimeError("fold_role is not supported once the backbone is sharded with FSDP2 (fold before "
-                               "sharding, or keep training the adapters — RTDMD: method.merge_at_boundary false)")
         return members
+
+    def _sharded(self) -> bool:
+        """Whether FSDP2 has sharded the role state (some role parameter is a ``DTensor``)."""
+        return any(any_sharded(self._parameters_of(r)) for r in self.roles)
+
+    def _refuse_new_fold_if_sharded(self, members: tuple[str, ...]) -> None:
+        """For stores whose fold creates an adapter: that is impossible once FSDP2 sharded the backbone."""
+        if self._sharded():
+            raise RuntimeError(
+                f"fold_role: no empty fold reserved for roles {list(members)} and the backbone is sharded with FSDP2 "
+                "(a new fold adapter cannot be created after sharding: reserve it before, RoleStore.reserve_fold / "
+                "FewStepMethod.planned_folds)")
 
     def _register_fold(self, fold_name: str) -> None:
         """Record a fold adapter (at fold time or when a checkpoint brings one)."""

@@ -118,8 +118,8 @@ class Toy2DWorld(World):
         if roles.mode != "lora":
             raise ValueError(f"toy2d roles are residual-MLP adapters on the analytic teacher; roles.mode must be "
                              f"'lora', got {roles.mode!r}")
-        for key in ("rank", "alpha", "targets"):
-            if getattr(roles, key) is not None:
+        for key in ("rank", "alpha", "targets", "activation_checkpointing"):
+            if getattr(roles, key):
                 raise ValueError(f"roles.{key} does not apply to toy2d (its adapters are residual MLPs sized by "
                                  "world.hidden and world.layers)")
 
