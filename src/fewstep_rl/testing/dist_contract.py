@@ -1,16 +1,23 @@
 """Distributed contract helpers (issue 20 item 1), shipped so plugin methods get the same checks.
 
 Each run is :mod:`fewstep_rl.testing.dist_check` in a clean subprocess (Lightning re-launches it per rank, gloo on
-CPU, toy2d). The checks (``tests/test_dist_contract.py`` applies them to every registered method):
+CPU, toy2d unless ``world`` says otherwise). The checks (``tests/test_dist_contract.py`` applies them to every
+registered method):
 
 * :func:`ranks_in_sync` — after training, the full trainable weights of every rank are bitwise identical (DDP: the
   same averaged gradient on every rank; FSDP2: the shards gathered back);
 * :func:`check_group_stats` — every :func:`fewstep_rl.distributed.over_ranks` call (group advantages, centring,
   multi-reward normalisation) saw the same global batch on every rank, in rank order (rank ``r``'s rows are its own
   samples), and every rank computed the same whole-batch statistics;
+* :func:`check_synced` — every rank made the same rank-synchronised draws in the same order (``rng(tag,
+  per_rank=False)`` tags, SubGRPO step subsets) and drew the same group-shared noise for a shared key; against a
+  one-process run of the same global batch (``--replicate`` or ``--split-groups``), the draws are its draws;
 * :func:`max_diff` of a ``--replicate`` 2-process run against the 1-process run with the same global batch content
   (see :mod:`~fewstep_rl.testing.dist_check`): equal up to the float reduction order of the gradient all-reduce /
-  reduce-scatter, where the algorithm allows it.
+  reduce-scatter, where the algorithm allows it; :func:`compare_traces` does the same for the group statistics;
+* resume: ``save_at`` / ``ckpt_path`` of :func:`run_dist` (``k.ckpt`` written mid-run by the uninterrupted run, the
+  records' ``saved_weights`` / ``saved_groups`` against the resumed run's ``start_weights`` / ``start_groups``);
+* :func:`world_overrides` — the same runs on a conformance case's world (e.g. the tiny SD3 pipeline).
 """
 
 from __future__ import annotations
