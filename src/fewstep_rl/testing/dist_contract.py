@@ -36,7 +36,7 @@ _DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "
 
 
 def run_dist(method: str, strategy: str, out: Path, steps: int = 3, replicate: bool = False,
-             overrides: dict[str, Any] | None = None, timeout: int = 300, interrupt_after: int | None = None,
+             overrides: dict[str, Any] | None = None, timeout: int = 600, interrupt_after: int | None = None,
              ckpt_path: str | Path | None = None, world: str = "toy2d", preset: bool = True, save_at: int | None = None,
              split_groups: bool = False) -> list[dict[str, Any]]:
     """Run ``dist_check`` (``strategy`` = ddp | fsdp2 on 2 processes, or single) and load every rank's record;
