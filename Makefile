@@ -37,7 +37,7 @@ test: install ## run the test suite (slow tests excluded)
 test-slow: install ## run only the slow tests
 	$(PY) -m pytest -q -m slow
 
-test-dist: install ## distributed contract: every method under ddp/fsdp2 on 2 CPU processes vs 1 process (~20 min)
+test-dist: install ## distributed contract: every method under ddp/fsdp2 on 2 CPU processes (toy2d + tiny sd3), resume, resharding
 	$(PY) -m pytest -q -m dist tests/test_dist_contract.py tests/test_multinode.py
 
 test-faults: install ## fault injection: kill -9/SIGINT/SIGTERM + resume bit-exact, bad checkpoints/rewards/inputs (< 10 min)
