@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -61,9 +62,17 @@ def run_dist(method: str, strategy: str, out: Path, steps: int = 3, replicate: b
         cmd += ["--ckpt-path", str(ckpt_path)]
     for k, v in (overrides or {}).items():
         cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # own session: on a timeout the rank Lightning launched goes too (not only the process we started)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{method} under {strategy} timed out after {timeout} s") from None
     if proc.returncode != 0:
-        raise AssertionError(f"{method} under {strategy} failed:\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"{method} under {strategy} failed:\n{stderr[-4000:]}")
     ranks = len(list(Path(out).glob("rank*.pt")))
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
 
