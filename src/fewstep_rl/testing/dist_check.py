@@ -195,12 +195,12 @@ def split_groups(dm: Any) -> None:
     """Every rank keeps rows ``r::W`` of the one-process batch with ``W×`` larger groups (see module doc)."""
     setup = dm.setup
     stream = dm.stream
-    batch = stream.batch
+    batch, k = stream.batch, stream.k
 
     def setup_split(stage: str | None = None) -> None:
         setup(stage)
         rank, world = stream.rank, stream.world_size
-        stream.rank, stream.world_size, stream.k = 0, 1, stream.k * world
+        stream.rank, stream.world_size, stream.k = 0, 1, k * world
 
         def rows(pos: int) -> dict[str, Any]:
             b = batch(pos)
