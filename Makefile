@@ -37,8 +37,8 @@ test: install ## run the test suite (slow tests excluded)
 test-slow: install ## run only the slow tests
 	$(PY) -m pytest -q -m slow
 
-test-dist: install ## distributed contract: every method under ddp/fsdp2 on 2 CPU processes vs 1 process (~30 min)
-	$(PY) -m pytest -q -m dist tests/test_dist_contract.py tests/test_multinode.py tests/test_fsdp_fold.py 	  tests/test_role_checkpointing.py
+test-dist: install ## distributed contract: every method under ddp/fsdp2 on 2 CPU processes (toy2d + tiny sd3), resume, resharding, RTDMD's fold
+	$(PY) -m pytest -q -m dist tests/test_dist_contract.py tests/test_multinode.py tests/test_fsdp_fold.py
 
 test-faults: install ## fault injection: kill -9/SIGINT/SIGTERM + resume bit-exact, bad checkpoints/rewards/inputs (< 10 min)
 	$(PY) -m pytest -q -m faults tests/test_faults.py
