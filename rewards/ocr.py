@@ -75,6 +75,11 @@ def ocr_accuracy(pred: str, target: str) -> float:
     return max(0.0, 1.0 - edit_distance(p, t) / len(t))
 
 
+def ocr_exact(pred: str, target: str) -> bool:
+    """Exact match of the read text: equal after lower-casing and removing whitespace (no substring shortcut)."""
+    return re.sub(r"\s+", "", pred).lower() == re.sub(r"\s+", "", target).lower()
+
+
 def to_uint8_hwc(samples: Tensor) -> np.ndarray:
     """``(B, 3, H, W)`` in [0, 1] → ``(B, H, W, 3)`` uint8 RGB."""
     if samples.dim() != 4 or samples.shape[1] != 3:
@@ -89,6 +94,13 @@ class OcrConfig:
     detect: bool = knob(False, "run rapidocr's text detector first (full images); false: the image is one text line")
     target_key: str = knob("text", "meta key holding the target text (else the quoted span of the prompt, else it)")
     threads: int = knob(1, "onnxruntime intra-op threads")
+    upscale: float = knob(1.0, "resize images by this factor (bilinear) before reading (small text strips: 3)")
+    pad: float = knob(0.0, "border added on every side before reading, as a fraction of the (resized) height; "
+                           "repeats the edge pixels")
+
+    def __post_init__(self) -> None:
+        if self.upscale <= 0 or self.pad < 0:
+            raise ValueError("upscale must be > 0 and pad >= 0")
 
 
 class OcrReward(Reward):
@@ -109,10 +121,20 @@ class OcrReward(Reward):
             "EngineConfig.onnxruntime.inter_op_num_threads": 1,
         })
 
+    def prepare(self, samples: Tensor) -> Tensor:
+        """Images as rapidocr reads them: resized by ``upscale`` (bilinear) and padded by ``pad`` (edge pixels)."""
+        x = samples.detach().float()
+        if self.cfg.upscale != 1.0:
+            h, w = x.shape[-2:]
+            size = (max(1, round(h * self.cfg.upscale)), max(1, round(w * self.cfg.upscale)))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+        p = round(self.cfg.pad * x.shape[-2])
+        return F.pad(x, (p, p, p, p), mode="replicate") if p else x
+
     def read(self, samples: Tensor) -> list[str]:
         """The text rapidocr reads in each image."""
         out = []
-        for img in to_uint8_hwc(samples):
+        for img in to_uint8_hwc(self.prepare(samples)):
             bgr = np.ascontiguousarray(img[..., ::-1])
             if self.cfg.detect:
                 res = self.engine(bgr)

@@ -3,7 +3,8 @@
 The proxy (:mod:`fewstep_rl.worlds.shapes.proxy`) is a small network trained to predict the gold verifier's
 partial-credit score from (image, prompt); it is what differentiable reward methods optimise. The gold reward
 wraps the verifier (:func:`fewstep_rl.worlds.shapes.verify.score_batch`): exact, non-differentiable, the yardstick
-that shows when optimising the proxy turns into reward hacking.
+that shows when optimising the proxy turns into reward hacking. In the ``glyphs`` world ``gold`` is the rapidocr
+judge instead (chosen by the prompts' metadata, ``judge: ocr``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ class GoldConfig:
 
 
 class GoldReward(Reward):
-    """The exact gold verifier of the ``shapes`` world (GenEval-like partial credit in [0, 1]); a black box."""
+    """The world's gold judge, a black box in [0, 1].
+
+    ``shapes``: the exact verifier (GenEval-like partial credit; ``strict``: all-correct). ``glyphs`` (prompts whose
+    metadata says ``judge: ocr``): rapidocr recognition accuracy ``1 − Lev/len`` of the word
+    (:mod:`fewstep_rl.worlds.glyphs.judge`; ``strict``: exact match). A batch must not mix the two.
+    """
 
     name = "gold"
     differentiable = False
@@ -83,5 +89,14 @@ class GoldReward(Reward):
 
     def score(self, samples: Tensor, prompts: Sequence[str], meta: Sequence[dict]) -> Tensor:
         _check_images(self.name, samples)
+        judges = {m.get("judge") for m in meta}
+        if judges == {"ocr"}:
+            from fewstep_rl.rewards.ocr import target_text
+            from fewstep_rl.worlds.glyphs.judge import judge
+
+            acc, exact = judge(samples, [target_text(p, m) for p, m in zip(prompts, meta)])
+            return (exact.float() if self.cfg.strict else acc).to(samples.device)
+        if "ocr" in judges:
+            raise ValueError("reward 'gold': a batch mixes OCR-judged (glyphs) and verifier-judged (shapes) prompts")
         scores, strict, _ = verify.score_batch(samples, list(prompts))
         return strict.float() if self.cfg.strict else scores

@@ -13,6 +13,7 @@
     fewstep-rl list methods|rewards|worlds
     fewstep-rl reward-server (--config FILE | --rewards a,b) [--host H] [--port P] [--device D] [--max_batch N]
     fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] [--calibration_steps N] [--minutes M] [--out DIR]
+    fewstep-rl world glyphs build [--seed S] [--teacher_steps N] [--batch B] [--minutes M] [--out DIR] [--work DIR]
     fewstep-rl validate --method M [--worlds N] [--seed S] [--family all|2d|8d] [--reward auto|mixed|linear|region]
                    [--steps N] [--jobs J] [--eval_samples N] [--config FILE ...] [--out DIR]
     fewstep-rl plan --method M --world sd3 --arch sd3.5-medium [--roles lora|full] [--precision bf16]
@@ -383,11 +384,19 @@ WORLD_FLAGS = {"seed": "value", "teacher_steps": "value", "proxy_steps": "value"
                "calibration_steps": "value", "skip_teacher": "bool", "skip_proxy": "bool", "help": "bool"}
 
 
+GLYPHS_FLAGS = {"seed": "value", "teacher_steps": "value", "batch": "value", "out": "value", "work": "value",
+                "minutes": "value", "help": "bool"}
+
+
 def cmd_world(argv: list[str]) -> int:
-    """``fewstep-rl world shapes build``: retrain the shapes teacher and proxy from scratch and install them."""
+    """``fewstep-rl world shapes|glyphs build``: retrain an embedded world's models and install them."""
+    if argv[:2] == ["glyphs", "build"]:
+        return cmd_world_glyphs(argv[2:])
     if len(argv) < 2 or argv[:2] != ["shapes", "build"]:
         raise UsageError("usage: fewstep-rl world shapes build [--seed S] [--teacher_steps N] [--proxy_steps N] "
-                         "[--calibration_steps N] [--minutes M] [--out DIR] [--skip_teacher] [--skip_proxy]")
+                         "[--calibration_steps N] [--minutes M] [--out DIR] [--skip_teacher] [--skip_proxy]\n"
+                         "       fewstep-rl world glyphs build [--seed S] [--teacher_steps N] [--batch B] [--minutes M] "
+                         "[--out DIR] [--work DIR]")
     opts, over = _parse(argv[2:], WORLD_FLAGS)
     if over:
         raise UsageError(f"unexpected options {sorted(over)}")
@@ -415,6 +424,34 @@ def cmd_world(argv: list[str]) -> int:
         res = calibrate.calibrate_and_save(out, tdir, seed=seed,
                                            steps=_num(opts, "calibration_steps", int, 4000))
         print(dumps({"proxy_calibration": res}))
+    return 0
+
+
+def cmd_world_glyphs(argv: list[str]) -> int:
+    """``fewstep-rl world glyphs build``: train (or resume) the glyphs teacher and install it.
+
+    Training state lives in ``--work`` (default ``runs/glyphs-build``; ``train_state.pt``, ``train_log.csv``,
+    ``eval.jsonl``), so an interrupted build resumes where it stopped; ``--minutes`` stops (and exports) early.
+    The EMA teacher is written to ``--out`` (default: the package's ``worlds/glyphs/assets/teacher``).
+    """
+    opts, over = _parse(argv, GLYPHS_FLAGS)
+    if over:
+        raise UsageError(f"unexpected options {sorted(over)}")
+    if opts.get("help"):
+        print(cmd_world_glyphs.__doc__)
+        return 0
+    from fewstep_rl.guards import dumps
+    from fewstep_rl.worlds.glyphs import teacher
+    from fewstep_rl.worlds.glyphs.world import ASSETS
+
+    work = Path(opts["work"]) if opts.get("work") else Path("runs") / "glyphs-build"
+    out = Path(opts["out"]) if opts.get("out") else ASSETS / "teacher"
+    res = teacher.train_teacher(work, seed=_num(opts, "seed", int, 0, minimum=0),
+                                steps=_num(opts, "teacher_steps", int, 4000, minimum=1),
+                                batch=_num(opts, "batch", int, 32, minimum=1), eval_n=64,
+                                max_minutes=_num(opts, "minutes", float, minimum=0))
+    teacher.export(work, out)
+    print(dumps({"teacher": res, "out": str(out)}))
     return 0
 
 

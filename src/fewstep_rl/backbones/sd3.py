@@ -62,7 +62,8 @@ class SD3Backbone(Backbone):
         roles: the ``roles`` section (mode, LoRA rank/alpha/targets); default LoRA rank 32, alpha 64 on
             :data:`DEFAULT_LORA_TARGETS` (filtered to existing ones).
         guidance_null_prompt: the prompt of the unconditional branch of CFG (``""``).
-        resolution: sample side in transformer (latent) pixels; default ``transformer.config.sample_size``.
+        resolution: sample side in transformer (latent) pixels, or ``(height, width)`` for non-square samples;
+            default ``transformer.config.sample_size`` (square).
         max_sequence_length: T5 token count (the pipeline's ``max_sequence_length``).
         prompt_cache_size: how many prompt encodings to keep (LRU; 0 disables; the null prompt is always kept).
         default_shift: the world's scheduler shift (``None`` when the directory has no scheduler config).
@@ -87,7 +88,7 @@ class SD3Backbone(Backbone):
         *,
         roles: RolesConfig | None = None,
         guidance_null_prompt: str = "",
-        resolution: int | None = None,
+        resolution: int | tuple[int, int] | None = None,
         max_sequence_length: int = 256,
         prompt_cache_size: int = 256,
         default_shift: float | None = None,
@@ -108,8 +109,8 @@ class SD3Backbone(Backbone):
         for m in self._frozen_modules():
             m.requires_grad_(False).eval()
         cfg = transformer.config
-        side = int(resolution or cfg.sample_size)
-        self.sample_shape = (int(cfg.in_channels), side, side)
+        h, w = resolution if isinstance(resolution, (tuple, list)) else (resolution or cfg.sample_size,) * 2
+        self.sample_shape = (int(cfg.in_channels), int(h), int(w))
         self.joint_dim = int(cfg.joint_attention_dim)
         self.max_sequence_length = int(max_sequence_length)
         self.guidance_null_prompt = guidance_null_prompt
@@ -136,7 +137,7 @@ class SD3Backbone(Backbone):
         roles: RolesConfig | None = None,
         dtype: torch.dtype = torch.float32,
         guidance_null_prompt: str = "",
-        resolution: int | None = None,
+        resolution: int | tuple[int, int] | None = None,
         max_sequence_length: int = 256,
         prompt_cache_size: int = 256,
     ) -> SD3Backbone:

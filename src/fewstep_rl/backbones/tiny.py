@@ -36,6 +36,28 @@ def word_tokenizer(words: Sequence[str], max_length: int = 16) -> Any:
     )
 
 
+def char_tokenizer(chars: str, max_length: int = 8) -> Any:
+    """A character-level tokenizer (one token per character, whitespace dropped) with CLIP's BOS/EOS; pads with EOS.
+
+    Token ids: 0 = BOS, 1 = EOS (also padding), 2 = unknown character, then ``chars`` in order. Case-sensitive.
+    """
+    from tokenizers import Regex, Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {BOS: 0, EOS: 1, UNK: 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+    )
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 0), (EOS, 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=UNK, model_max_length=max_length
+    )
+
+
 def clip_byte_tokenizer(max_length: int = 77) -> Any:
     """A character-level CLIP BPE tokenizer (byte alphabet, no merges): 514 tokens."""
     from transformers import CLIPTokenizer

@@ -23,6 +23,7 @@ TINY = {"world.hidden": 32, "method.batch_size": 8, "trainer.eval_samples": 64, 
 TINY_BY_WORLD = {
     "toy2d": TINY,
     "shapes": {"roles.rank": 2, "method.batch_size": 2, "trainer.eval_samples": 8, "trainer.progress_bar": False},
+    "glyphs": {"roles.rank": 2, "method.batch_size": 2, "trainer.eval_samples": 8, "trainer.progress_bar": False},
 }
 
 
