@@ -12,7 +12,6 @@ and ``exact`` (exact-match rate), overall and for training / held-out words.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.worlds import embedded
 from fewstep_rl.worlds.base import World
 from fewstep_rl.worlds.glyphs import render, words
 
@@ -51,12 +51,7 @@ class GlyphsWorld(World):
 
     def __init__(self, cfg: GlyphsConfig | None = None) -> None:
         super().__init__(cfg or GlyphsConfig())
-        self.dir = Path(self.cfg.path) if self.cfg.path else ASSETS / "teacher"
-        if not (self.dir / "transformer").is_dir():
-            hint = " (rebuild the shipped one with `fewstep-rl world glyphs build`)" if not self.cfg.path else ""
-            raise ValueError(f"glyphs teacher directory {str(self.dir)!r} has no transformer/ folder{hint}")
-        info = self.dir / "teacher.json"
-        meta = json.loads(info.read_text()) if info.is_file() else {}
+        self.dir, meta = embedded.teacher_dir("glyphs", self.cfg.path, ASSETS)
         self.teacher_guidance = float(self.cfg.guidance if self.cfg.guidance is not None else meta.get("guidance", 4.0))
         self.shift = float(meta.get("shift", 1.0))
         self.resolution = (int(meta.get("height", render.HEIGHT)), int(meta.get("width", render.WIDTH)))
@@ -107,23 +102,10 @@ class GlyphsWorld(World):
         from fewstep_rl.worlds.glyphs.judge import judge
 
         acc, exact = judge(samples, list(prompts))
-        held_set = set(self._held)
-        held = torch.tensor([p in held_set for p in prompts], dtype=torch.bool)
-        out = {"gold": float(acc.mean()), "exact": float(exact.float().mean())}
-        for name, mask in (("train", ~held), ("heldout", held)):
-            if mask.any():
-                out[f"gold_{name}"] = float(acc[mask].mean())
-                out[f"exact_{name}"] = float(exact[mask].float().mean())
-        return out
+        return embedded.by_split({"gold": acc, "exact": exact}, prompts, set(self._held))
 
     def save_samples(self, samples: Tensor, prompts: Sequence[str], out: Path) -> None:
-        """A folder of PNGs (``00000.png`` …, upscaled 4× nearest) and ``prompts.json``."""
-        from fewstep_rl.eval.images import save_pngs
-
-        save_pngs(samples, prompts, Path(out))
+        embedded.save_samples(samples, prompts, out)
 
     def log_samples(self, samples: Tensor, prompts: Sequence[str], run_dir: Path, step: int) -> None:
-        """A captioned grid of the first 32 evaluation samples: ``samples/iter_NNNNNN.png``."""
-        from fewstep_rl.eval.images import save_grid
-
-        save_grid(samples[:32], list(prompts[:32]), Path(run_dir) / "samples" / f"iter_{step:06d}.png")
+        embedded.log_samples(samples, prompts, run_dir, step)

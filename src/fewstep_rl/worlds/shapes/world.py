@@ -11,7 +11,6 @@ credit and strict all-correct accuracy, separately for training prompts and for 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.config import knob
+from fewstep_rl.worlds import embedded
 from fewstep_rl.worlds.base import World
 from fewstep_rl.worlds.shapes import grammar, verify
 
@@ -50,12 +50,7 @@ class ShapesWorld(World):
 
     def __init__(self, cfg: ShapesConfig | None = None) -> None:
         super().__init__(cfg or ShapesConfig())
-        self.dir = Path(self.cfg.path) if self.cfg.path else ASSETS / "teacher"
-        if not (self.dir / "transformer").is_dir():
-            hint = " (rebuild the shipped one with `fewstep-rl world shapes build`)" if not self.cfg.path else ""
-            raise ValueError(f"shapes teacher directory {str(self.dir)!r} has no transformer/ folder{hint}")
-        info = self.dir / "teacher.json"
-        meta = json.loads(info.read_text()) if info.is_file() else {}
+        self.dir, meta = embedded.teacher_dir("shapes", self.cfg.path, ASSETS)
         self.teacher_guidance = float(self.cfg.guidance if self.cfg.guidance is not None else meta.get("guidance", 4.0))
         self.shift = float(meta.get("shift", 1.0))
         self._train, self._held = grammar.split_prompts(seed=0)
@@ -101,23 +96,10 @@ class ShapesWorld(World):
     ) -> dict[str, float]:
         """Gold partial credit and strict accuracy (all, training prompts, held-out prompts)."""
         scores, strict, _ = verify.score_batch(samples, list(prompts))
-        held_set = set(self._held)
-        held = torch.tensor([p in held_set for p in prompts], device=scores.device)
-        out = {"gold": float(scores.mean()), "strict": float(strict.float().mean())}
-        for name, mask in (("train", ~held), ("heldout", held)):
-            if mask.any():
-                out[f"gold_{name}"] = float(scores[mask].mean())
-                out[f"strict_{name}"] = float(strict[mask].float().mean())
-        return out
+        return embedded.by_split({"gold": scores, "strict": strict}, prompts, set(self._held))
 
     def save_samples(self, samples: Tensor, prompts: Sequence[str], out: Path) -> None:
-        """A folder of PNGs (``00000.png`` …, upscaled 4× nearest) and ``prompts.json``."""
-        from fewstep_rl.eval.images import save_pngs
-
-        save_pngs(samples, prompts, Path(out))
+        embedded.save_samples(samples, prompts, out)
 
     def log_samples(self, samples: Tensor, prompts: Sequence[str], run_dir: Path, step: int) -> None:
-        """A captioned grid of the first 32 evaluation samples: ``samples/iter_NNNNNN.png``."""
-        from fewstep_rl.eval.images import save_grid
-
-        save_grid(samples[:32], list(prompts[:32]), Path(run_dir) / "samples" / f"iter_{step:06d}.png")
+        embedded.log_samples(samples, prompts, run_dir, step)
