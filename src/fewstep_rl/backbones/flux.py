@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.loading import dtype_of, load_model, load_tokenizer
-from fewstep_rl.backbones.varlen import PromptRows
+from fewstep_rl.backbones.varlen import PromptRows, clean_base
 from fewstep_rl.roles import RolesConfig, build_store
 from fewstep_rl.sampling.sigmas import flux_mu, sigma_grid
 
@@ -156,16 +156,7 @@ class FluxFamily(Backbone):
             if item.name != "transformer":
                 (shutil.copytree(item, root / item.name, dirs_exist_ok=True) if item.is_dir()
                  else shutil.copy2(item, root / item.name))
-        self._clean_base().save_pretrained(root / "transformer")
-
-    def _clean_base(self) -> nn.Module:
-        """The base transformer without role layers (a fresh module holding the current base weights)."""
-        if not self.store.wraps_base():
-            return self.transformer
-        with torch.random.fork_rng(devices=[]):
-            base = type(self.transformer).from_config(self.transformer.config)
-        base.load_state_dict(self.store.base_state_dict(), strict=True)
-        return base.to(dtype_of(self.transformer)).eval()
+        clean_base(self.transformer, self.store).save_pretrained(root / "transformer")
 
     def _vae(self) -> nn.Module:
         """The VAE; under FSDP2 its ``encode``/``decode`` are registered to gather parameters like ``forward``."""

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from fewstep_rl.backbones.base import Backbone, BackboneLoadError
 from fewstep_rl.backbones.loading import diffusers_version, dtype_of, load_model, load_tokenizer, present, read_shift
 from fewstep_rl.backbones.sd3_text import sd3_prompt_embeds
-from fewstep_rl.backbones.varlen import PromptRows
+from fewstep_rl.backbones.varlen import PromptRows, clean_base
 from fewstep_rl.roles import RolesConfig, build_store
 
 #: LoRA target modules of SD3 attention (filtered to those the transformer has).
@@ -193,7 +193,7 @@ class SD3Backbone(Backbone):
         def cast(m: nn.Module) -> nn.Module:
             return copy.deepcopy(m).to(dtype) if dtype is not None and dtype_of(m) != dtype else m
 
-        base = self._clean_base()
+        base = clean_base(self.transformer, self.store)
         base = cast(base) if base is self.transformer else base.to(dtype or dtype_of(base))
         base.save_pretrained(root / "transformer")
         index: dict[str, Any] = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers_version()}
@@ -218,15 +218,6 @@ class SD3Backbone(Backbone):
         index["scheduler"] = ["diffusers", type(sched).__name__]
         index["image_encoder"] = index["feature_extractor"] = [None, None]
         (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    def _clean_base(self) -> nn.Module:
-        """The base transformer without role layers (a fresh module holding the current base weights)."""
-        if not self.store.wraps_base():
-            return self.transformer
-        with torch.random.fork_rng(devices=[]):
-            base = type(self.transformer).from_config(self.transformer.config)
-        base.load_state_dict(self.store.base_state_dict(), strict=True)
-        return base.to(dtype_of(self.transformer)).eval()
 
     def _frozen_modules(self) -> list[nn.Module]:
         mods = [self.transformer, *self.clip_encoders]

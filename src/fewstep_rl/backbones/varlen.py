@@ -89,7 +89,7 @@ class PromptRows:
 class VarLenPrompts:
     """Backbone mixin for families whose prompt encodings vary in length (Z-Image, Qwen-Image): the class provides
     ``_rows(prompts)`` (one ``(L_i, D)`` row per prompt), ``_encode`` and ``guidance_null_prompt``, and sets
-    ``self._null = None``; prompts are padded to ``{"seq", "mask"}`` and CFG batches rows of different lengths."""
+    ``self._null = None`` (both dropped on device/dtype moves); prompts are padded to ``{"seq", "mask"}`` and CFG batches rows of different lengths."""
 
     _null: Tensor | None = None
     guidance_null_prompt: str = ""
@@ -107,6 +107,12 @@ class VarLenPrompts:
 
     def cat_cond(self, a: Any, b: Any) -> Any:
         return cat_padded(a, b)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Device/dtype moves invalidate the cached prompt encodings (rows and the null prompt)."""
+        self._rows.clear()  # type: ignore[attr-defined]
+        self._null = None
+        return super()._apply(fn, recurse)  # type: ignore[misc]
 
 
 def clean_base(transformer: nn.Module, store: object) -> nn.Module:

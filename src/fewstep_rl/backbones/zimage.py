@@ -125,12 +125,6 @@ class ZImageBackbone(VarLenPrompts, Backbone):
         ZImagePipeline(scheduler=sched, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                        transformer=clean_base(self.transformer, self.store)).save_pretrained(Path(path))
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        """Device/dtype moves invalidate the cached prompt encodings."""
-        self._rows.clear()
-        self._null = None
-        return super()._apply(fn, recurse)
-
     # ---------------------------------------------------------------- schedule
     def pipeline_sigmas(self, num_steps: int) -> Tensor:
         """The pipeline's default σ grid for ``num_steps`` (``get_default_z_image_sigmas`` through the directory's
