@@ -169,9 +169,23 @@ def test_trainer_section_ranges():
     from fewstep_rl.run import TrainerConfig
 
     for key, val in [("eval_samples", 0), ("log_every", 0), ("ckpt_last_every", -1), ("ckpt_last_minutes", -1.0),
-                     ("nonfinite_limit", -2), ("max_steps", 0)]:
+                     ("nonfinite_limit", -2), ("max_steps", 0), ("max_minutes", -1.0), ("max_minutes", float("inf"))]:
         with pytest.raises(ConfigError, match=key):
             build(TrainerConfig, {key: val}, "trainer")
+
+
+def test_max_minutes_stops_with_the_final_evaluation_and_a_resumable_checkpoint(tmp_path):
+    """``trainer.max_minutes``: a run far from ``max_steps`` stops on its wall-time budget, still evaluates and writes
+    ``last.ckpt`` at the iteration it reached."""
+    from fewstep_rl.run import assemble, resolve
+
+    over = {"trainer.max_steps": 10**6, "trainer.max_minutes": 0.03, "trainer.progress_bar": False,
+            "trainer.num_threads": 1, "trainer.eval_samples": 64, "trainer.run_dir": str(tmp_path / "r")}
+    module, dm, trainer = assemble(resolve("dmd2", "toy2d", (), over), tmp_path / "r", [])
+    trainer.fit(module, datamodule=dm)
+    done = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.ckpt")["fewstep"]["stream_pos"]
+    assert 0 < done < 10**6
+    assert "reward/linear" in json.loads((tmp_path / "r" / "final_metrics.json").read_text())
 
 
 def test_reward_boundary():

@@ -22,7 +22,7 @@ from typing import Any
 from fewstep_rl.config import ConfigError
 
 FREE_KEYS = frozenset({
-    "trainer.max_steps", "trainer.run_dir", "trainer.progress_bar", "trainer.num_threads", "trainer.log_every",
+    "trainer.max_steps", "trainer.max_minutes", "trainer.run_dir", "trainer.progress_bar", "trainer.num_threads", "trainer.log_every",
     "trainer.eval_every", "trainer.eval_samples", "trainer.ckpt_every", "trainer.ckpt_last_every",
     "trainer.ckpt_last_minutes", "trainer.nonfinite_limit", "trainer.accelerator", "trainer.logger",
     "trainer.reward_overlap",

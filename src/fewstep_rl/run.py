@@ -44,6 +44,8 @@ class TrainerConfig:
     """Trainer section (``trainer.*``): devices, strategy, length, logging, checkpoints."""
 
     max_steps: int = knob(1000, "training iterations (prompt batches; not optimiser steps)")
+    max_minutes: float = knob(0.0, "also stop (with the final evaluation and last.ckpt) after M minutes of training "
+                                   "wall time, counted across resumes (0: off)")
     accelerator: str = knob("auto", "Lightning accelerator: auto, cpu, gpu, cuda")
     devices: int = knob(1, "number of devices (processes) per node")
     num_nodes: int = knob(1, "number of nodes (machines); launch with torchrun or srun, see README 'Multi-node'")
@@ -79,6 +81,8 @@ def check_trainer_config(tc: TrainerConfig) -> None:
             raise ValueError(f"{key} must be >= 0 (0: off), got {getattr(tc, key)}")
     if not (tc.ckpt_last_minutes >= 0 and tc.ckpt_last_minutes < float("inf")):
         raise ValueError(f"ckpt_last_minutes must be a finite number >= 0 (0: off), got {tc.ckpt_last_minutes}")
+    if not (tc.max_minutes >= 0 and tc.max_minutes < float("inf")):
+        raise ValueError(f"max_minutes must be a finite number >= 0 (0: off), got {tc.max_minutes}")
     if tc.num_threads is not None and tc.num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {tc.num_threads}")
 
@@ -449,6 +453,7 @@ def build_trainer(tc: TrainerConfig, run_dir: Path, callbacks: list, safety: boo
         callbacks=callbacks, enable_progress_bar=tc.progress_bar, log_every_n_steps=tc.log_every,
         default_root_dir=str(run_dir), num_sanity_val_steps=0, enable_model_summary=False,
         enable_checkpointing=False,
+        max_time=_dt.timedelta(minutes=tc.max_minutes) if tc.max_minutes else None,
     )
 
 
