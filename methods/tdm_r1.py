@@ -65,13 +65,16 @@ but DGPO's sigmoid weight on deterministic advantages has no finite optimum (it 
 drift weight, not β_dpo, is the one that maps onto β.
 
 Fixed point actually reached: ``Cov(r, u | x_t)`` is the covariance under the *generator's* law, so the tilt is as
-strong as the 4-step generator is dispersed. Measured on toy2d (r = x_1, preset, 600 epochs, 4000 samples; target
-1.0 at β = 0.25, 0.25 at β = 1): mean reward 0.916 at β = 0.25 and 0.189 at β = 1 (76 %: outside the 15 % bar of
-``tests/test_beta.py``'s slow two-β test). Diagnosis (β = 1, 1200 epochs at the fake/surrogate lr 1e-3, 84.5 %): the
-generator's per-prompt variance along x_1 is 0.17 where the teacher's is 0.23–0.25 (the fake score's law 0.15, the
-surrogate's 0.23), and its reward gain is the surrogate's shift scaled by that under-dispersion. With the fake and
-surrogate at lr 1e-3 both surrogate losses diverged at β = 0.25 (after ~450 and ~640 epochs), hence 3e-4 in the
-preset; the paper's learning rates (generator 7.5e-5) reached 0.39 of 1.0 in 400 epochs.
+strong as the 4-step generator is dispersed (exact when the generator's law is the tilt; weaker when it is narrower).
+Measured on toy2d (r = x_1, 4000 samples; target 1.0 at β = 0.25, 0.25 at β = 1) with the fake score at the
+surrogate's lr 3e-4 and 600 epochs: 92 % of the gap at β = 0.25 but 76 % at β = 1 (outside the 15 % bar of
+``tests/test_beta.py``'s slow two-β test). Diagnosis (β = 1): the generator's per-prompt variance along x_1 was 0.17
+where the teacher's is 0.23–0.25 (the fake score's law 0.15, the surrogate's 0.23) — a fake score that lags its
+generator under-disperses it, and the reward gain is the surrogate's shift scaled by that under-dispersion. The
+toy2d preset therefore trains the fake score at lr 1e-3 (the surrogate stays at 3e-4: at 1e-3 its loss diverged at
+β = 0.25) for 1200 epochs: 86–92 % of the gap at β = 1 and 99–109 % at β = 0.25 over seeds 0–2 (seed 2 at
+β = 0.5 / 2: 92 % / 92 %). Not helping (same test): all 4 trajectory steps trained per micro-batch (`train_steps` 4), Adam β₁ = 0.9,
+no EMA, cosine schedules (β = 1: 75–85 %), a generator lr of 1e-3 (diverged).
 
 Knobs (methods.md §4.8): ``dpo_beta`` β_dpo, ``clip_eps`` ε, ``rl_guidance`` ω_rl, ``reward_t_min`` t_min,
 ``surrogate_t_min`` t^s_min, ``reward_steps`` j_trunc, ``tdm_weight`` λ, ``guidance`` (teacher CFG for ``w_f``),
