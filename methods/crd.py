@@ -36,7 +36,8 @@ cross-rank reduction) is the recipe:
 5. CRD loss (above) + reward-adaptive KL anchor to the CFG-guided base:
    ``β_KL · mean_i κ_i mean_d (v_θ − v_ref^ω)²``, ``κ_i = c_min + s_i(1 − c_min)``, ``c_min = 1e-4/β_KL``, with the
    signal s = the [0,1] advantage (port) or the raw reward (the abstract's "weak KL while rewards are low"; rewards
-   are clamped to [0, 1]) or κ = 1 (``off``); optionally ``fm_coef · mean ‖v_θ(x_t) − u‖²`` (self-consistency, ours).
+   are clamped to [0, 1]) or κ = 1 (``off``); optionally ``fm_coef · mean w(t)‖v_θ(x_t) − u‖²`` (self-consistency, ours; w = 1
+   or the ELBO weight ``(1−t)/t``, ``fm_weighting``).
    One optimiser step per micro-batch.
 6. Snapshot blending after the epoch, n = generator optimiser steps so far (§5.3 step 8):
    ``θ_old ← d_o θ_old + (1−d_o) θ``, ``d_o(n) = min(old_d0 + old_kappa (n − old_n0)_+, old_dmax)`` (port 0.25,
@@ -55,7 +56,7 @@ strength (port: β_crd = 1).
 Deviations:
     * The paper was unavailable; the ``elbo`` estimator is derived here (module ``fewstep_rl.objectives.crd``), the
       ``adaptive`` one is the port's. The toy2d presets use ``elbo`` + ``raw`` + frozen ``old`` + no KL anchor
-      + ``fm_coef: 1`` (below), so that the fixed point is the closed-form tilt.
+      + ``fm_coef: 3`` with ``fm_weighting: elbo`` (below), so that the fixed point is the closed-form tilt.
     * Centring within prompt groups (the paper's claim) instead of the port's batch centring (both offered).
     * Training levels are σ-uniform: ``train_timesteps`` levels stratified uniformly in σ over [t_min, t_max]
       (:func:`~fewstep_rl.sampling.stratified.stratified_levels`); the port (methods.md §5.3 step 2) stratifies over
@@ -75,7 +76,7 @@ Deviations:
       down the velocity field (many fields share an ELBO), and for a field that is not the exact flow of its own law
       the ELBO is only a lower bound of the log-density, so the sampled law over-tilts: on toy2d (β = 0.25, target
       shift of both means 1.0, T = 8 draws, 1600 iterations) the means moved by 1.4–1.5 without it and by 0.93–0.97
-      with ``fm_coef: 1``; with T = 32 (less variance pull toward the base) the preset ends at mean reward 1.009
+      with ``fm_coef: 1``; with T = 32 (less variance pull toward the base) it ended at mean reward 1.009
       against the target's 1.0095. The exact tilt is still a fixed point (the flow of its own samples has zero
       expected flow-matching gradient). An unbiased-
       gradient variant (residual and gradient from independent halves of the draws, no variance penalty) was tried
@@ -84,14 +85,25 @@ Deviations:
       diverged as well (loss −128, gradient norm 1100 after 150 iterations) — the stop-gradient group mean makes the
       centred residual's variance smaller than s²/T, so the correction over-subtracts and rewards inflating the
       draws' spread. Not offered.
-    * Issue 13, random multimodal worlds (README "Validation"): with ``fm_coef: 1`` the mode masses move only ~75 %
-      of the way (10 worlds: closure median 85 %). The regression pins the field's ELBO log-ratio, not its sampled
-      law: one trained field sampled by Euler ODE and by the likelihood-matched SDE ``flow_sde(1.414)`` gave 170 % and
-      80 % of the default world's tilt. Lowering ``fm_coef`` frees the mode masses (``2d-linear-s0-0``: 84 % → 103 %
-      at 0.2) but over-tilts within-mode shifts (default world 112 % / 145 % at β = 0.25 / 1); SDE rollouts without
-      it keep the shapes but under-tilt by ~20 %; more draws (T = 96) or log-t importance-sampled levels did not
-      change that (variance is not the cause). The preset keeps ``fm_coef: 1``; the fixed point on multimodal worlds
-      is the measured one, not the tilt.
+    * Issue 13, random multimodal worlds (README "Validation"): with ``fm_coef: 1`` and uniform weights the mode
+      masses moved only ~75 % of the way (10 worlds: closure median 85 %, energy 45× the floor). Measured on
+      ``2d-linear-s0-0`` (256 levels per sample, the trained generator's own samples): the regression was *not*
+      solved — ``β r̂ − r`` stood +0.11…+0.23 higher in the components that should lose mass than in the one that
+      should gain it. The uniform consistency term held it there: the ELBO weight ``(1−t)/t`` vanishes at high noise,
+      where the mode masses are decided, so there the consistency term outweighed the regression and pinned the
+      masses. Weighting it like the implicit reward (``fm_weighting: elbo``,
+      :func:`~fewstep_rl.objectives.crd.consistency_weight`) makes the two trade off equally at every level:
+      ``2d-linear-s0-0`` 84 % / 30× / mode-move 74 % → 105 % / 7.8× / 93 % (``fm_coef`` 3), 101 % / 8.8× / 88 %
+      (5), 98 % / 10.4× / 85 % (10); on the default world (β = 0.25 / 1) 106 % / 129 % (1),
+      93 % / 105 % (5), 85 % / 98 % (10; 117× the floor at β = 0.25), 96 % (4.1× the floor) / 112 % (3). On the 10
+      random worlds (closure, energy/floor medians): 94 % / 30× (3), 93 % / 38× (5); linear-reward worlds 105 % /
+      11.3×, worst 14.4× (3) and 101 % / 8.8×, worst 19.1× (5). The preset takes ``fm_coef: 3`` (better overall and
+      on the default world; 5 is a little closer on linear worlds). Region rewards (a density step of ``e^{v/β}``, up
+      to ~200×, at the box's faces) stay far from the tilt (closure median 82 %, energy 59× the floor): a smooth
+      field does not draw that step. On the default world the price is shape accuracy: energy 4.1× the floor at
+      β = 0.25 (was 1.9× with the uniform weight).
+      Tried before and not helping: lower uniform ``fm_coef`` (frees the masses but over-tilts within-mode shifts:
+      default world 112 % / 145 % at 0.2), SDE rollouts without it (~20 % under), T = 96 draws, log-t levels.
     * ``forward_batch``: a micro-batch of whole groups can be pushed through the network in pieces; the stop-gradient
       group means come from a no-grad pass first, so loss and gradient equal the one-pass values (tested).
 """
@@ -112,6 +124,7 @@ from fewstep_rl.objectives.crd import (
     adaptive_kl_coef,
     center,
     center_mean_sg,
+    consistency_weight,
     crd_regression,
     implicit_reward,
     velocity_kl,
@@ -157,6 +170,9 @@ class CRDConfig:
     kl_guidance: float | None = knob(None, "CFG of the KL anchor (port: 4.5; default: the world's teacher guidance)")
     fm_coef: float = knob(
         0.0, "self-consistency: flow matching of v_θ on its own rollouts (ours; keeps r̂ = ELBO a true log-ratio)"
+    )
+    fm_weighting: Literal["uniform", "elbo"] = knob(
+        "uniform", "noise-level weight of the self-consistency term: uniform, or the implicit reward's (1−t)/t"
     )
     kl_adaptive: Literal["off", "advantage", "reward"] = knob(
         "advantage", "reward-adaptive KL signal: off (κ=1), advantage in [0,1] (port), raw reward clamped to [0,1]"
@@ -292,7 +308,8 @@ class CRD(FewStepMethod):
                     kl_parts.append(kl.detach() * (p.stop - p.start) / n / n_t)
                     reg = cfg.kl_coef * kl
                 if grad and cfg.fm_coef > 0:
-                    fm = cfg.fm_coef * flow_matching_loss(v, x0[p], eps[k, p])
+                    fm_w = consistency_weight(t, cfg.fm_weighting)
+                    fm = cfg.fm_coef * flow_matching_loss(v, x0[p], eps[k, p], fm_w)
                     reg = fm if reg is None else reg + fm
             return r_hat, reg
 

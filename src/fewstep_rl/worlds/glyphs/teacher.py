@@ -45,7 +45,7 @@ RECIPE = pixel_teacher.TeacherRecipe(
 )
 
 
-def train_teacher(out_dir: str | Path, seed: int = 0, steps: int = 4000, **kwargs: Any) -> dict[str, float]:
+def train_teacher(out_dir: str | Path, seed: int = 0, steps: int = 12250, **kwargs: Any) -> dict[str, float]:
     """Train (or resume) the teacher in ``out_dir`` (keywords of :func:`pixel_teacher.train_teacher`)."""
     return pixel_teacher.train_teacher(RECIPE, out_dir, seed=seed, steps=steps, **kwargs)
 
