@@ -447,7 +447,7 @@ def cmd_world_glyphs(argv: list[str]) -> int:
     work = Path(opts["work"]) if opts.get("work") else Path("runs") / "glyphs-build"
     out = Path(opts["out"]) if opts.get("out") else ASSETS / "teacher"
     res = teacher.train_teacher(work, seed=_num(opts, "seed", int, 0, minimum=0),
-                                steps=_num(opts, "teacher_steps", int, 12250, minimum=1),
+                                steps=_num(opts, "teacher_steps", int, teacher.SHIPPED_STEPS, minimum=1),
                                 batch=_num(opts, "batch", int, 32, minimum=1), eval_n=64,
                                 max_minutes=_num(opts, "minutes", float, minimum=0))
     teacher.export(work, out)

@@ -27,6 +27,7 @@ TEACHER_CFG = dict(
 TEXT_CFG = dict(hidden=128, layers=3, heads=4, projection_dim=128, intermediate=256, max_positions=8)
 MAX_TOKENS = 8  # BOS + 5 characters + EOS, padded
 GUIDANCE = 4.0
+SHIPPED_STEPS = 12250  # training steps of the teacher in assets/teacher (the build's default)
 
 
 def gold(images: Tensor, prompts: list[str]) -> tuple[float, float]:
@@ -45,7 +46,7 @@ RECIPE = pixel_teacher.TeacherRecipe(
 )
 
 
-def train_teacher(out_dir: str | Path, seed: int = 0, steps: int = 12250, **kwargs: Any) -> dict[str, float]:
+def train_teacher(out_dir: str | Path, seed: int = 0, steps: int = SHIPPED_STEPS, **kwargs: Any) -> dict[str, float]:
     """Train (or resume) the teacher in ``out_dir`` (keywords of :func:`pixel_teacher.train_teacher`)."""
     return pixel_teacher.train_teacher(RECIPE, out_dir, seed=seed, steps=steps, **kwargs)
 
