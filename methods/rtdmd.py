@@ -120,7 +120,7 @@ from fewstep_rl.objectives import (
     ppo_clip_loss,
     reward_hinge,
 )
-from fewstep_rl.objectives.crd import center
+from fewstep_rl.objectives.advantages import loo_advantages
 from fewstep_rl.objectives.kl_dmd import kl_dmd_loss
 from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, copy_role
@@ -443,7 +443,9 @@ class RTDMD(FewStepMethod):
         return torch.cat(rows, dim=1).float()
 
     def beta_advantages(self, reward: Tensor, group: Tensor, kl_steps: Tensor | None) -> Tensor:
-        """``A_j = G_j − mean_group G_j`` with ``G_j = r/β − ppo_kl Σ_{k>j} KL_k`` per stochastic step j, ``(K−1, n)``.
+        """``A_j = G_j − mean_{group, others} G_j`` (leave-one-out) with ``G_j = r/β − ppo_kl Σ_{k>j} KL_k`` per
+        stochastic step j, ``(K−1, n)``. Leave-one-out, not the group mean: centring on a mean that includes the sample
+        scales the policy gradient by (K−1)/K against the unscaled KL term, i.e. trains toward the tilt at β·K/(K−1).
 
         With ``ppo_kl = 1`` the PPO gradient plus the analytic per-step KL term is the (unbiased) policy gradient of
         ``E[r]/β − KL(Q‖Q_ref)`` over the stochastic steps, whose optimum is ``Q_ref·exp(r(x0)/β)/Z``: the frozen
@@ -457,7 +459,7 @@ class RTDMD(FewStepMethod):
             g = g - cfg.ppo_kl * after
 
         def batch_adv(full: Tensor, groups: Tensor) -> Tensor:  # (N, K−1) over every rank → (N, K−1)
-            return torch.stack([center(row, groups, "group") for row in full.T]).clamp(-cfg.adv_clip, cfg.adv_clip).T
+            return torch.stack([loo_advantages(row, groups) for row in full.T]).clamp(-cfg.adv_clip, cfg.adv_clip).T
 
         return over_ranks(self, batch_adv, g.T.contiguous(), group.to(self.device)).T
 

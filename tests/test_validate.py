@@ -135,7 +135,8 @@ def test_cli_validate_bad_input(argv, needle, capsys):
 
 # ---------------------------------------------------------------- the convergence fixes (issue 13 item 2)
 def test_rtdmd_beta_advantages_by_hand():
-    """G_j = r/β − Σ_{k>j} KL_k, centred per prompt group (K = 3 steps → 2 stochastic steps)."""
+    """G_j = r/β − Σ_{k>j} KL_k, leave-one-out per prompt group (K = 3 steps → 2 stochastic steps): with groups of two,
+    A_i = G_i − G_other (a group-mean centring would halve it and train toward the tilt at 2β)."""
     from fewstep_rl.config import build
     from fewstep_rl.methods.rtdmd import RTDMD, RTDMDConfig
     from fewstep_rl.rewards import MultiReward
@@ -148,8 +149,8 @@ def test_rtdmd_beta_advantages_by_hand():
     r = torch.tensor([1.0, 3.0, 0.0, 2.0])
     kl = torch.tensor([[0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]])
     adv = m.beta_advantages(r, torch.tensor([0, 0, 1, 1]), kl)
-    # step 0: r/β − KL_1 = [1, 4, −3, 0] → centred [−1.5, 1.5, −1.5, 1.5]; step 1: r/β = [2, 6, 0, 4] → [−2, 2, −2, 2]
-    assert torch.allclose(adv, torch.tensor([[-1.5, 1.5, -1.5, 1.5], [-2.0, 2.0, -2.0, 2.0]]))
+    # step 0: r/β − KL_1 = [1, 4, −3, 0] → leave-one-out [−3, 3, −3, 3]; step 1: r/β = [2, 6, 0, 4] → [−4, 4, −4, 4]
+    assert torch.allclose(adv, torch.tensor([[-3.0, 3.0, -3.0, 3.0], [-4.0, 4.0, -4.0, 4.0]]))
 
 
 def test_rtdmd_ppo_kl_runs_and_measures_the_distance_to_its_reference(tmp_path):
