@@ -100,11 +100,15 @@ Deviations from the paper / reference code:
       preset uses this branch (``ppo_weight`` 5, ``lr_stage2`` 3e-4). Measured on the 10 random worlds of ``fewstep-rl
       validate --method rtdmd --worlds 10 --seed 0``: closure median 86 % (worst 63 %), energy 40× the noise floor
       (worst 86×), mode move 76 % (worst 60 %) — against the standardised branch's 88 % (worst 187 %), 189× (455×),
-      76 % (1.5 %). The remaining gap is convergence of the likelihood-ratio gradient, not its fixed point: stage 1
-      alone is at 0.9–2.9× the noise floor of the teacher on those worlds, the mode masses still move at the end of
-      stage 2 (2d-linear-s0-3: 71 % of the mode move after 4000 epochs at lr 1e-4, 80 % after 12 000 or at lr 3e-4),
-      turning the DM + BP branch off does not change them (73 %), and neither does a 4× larger batch (2d-linear-s0-0:
-      62 % at 128 vs 32 prompts per epoch); lr 1e-3 is noisier (74 %).
+      76 % (1.5 %). Every world under-moves its mode masses. Not the cause: stage 1 (alone at 0.9–2.9× the teacher's
+      noise floor on those worlds), the DM + BP branch (off: 73 % vs 71 % of the mode move on 2d-linear-s0-3), batch
+      noise (128 instead of 32 prompts per epoch on 2d-linear-s0-0: 62 % vs 62 %). The masses move further slowly
+      (s0-3: 71 % after 4000 epochs at lr 1e-4, 80 % after 12 000 or 4000 at lr 3e-4; at lr 3e-4, 12 000 instead of
+      4000 epochs: s0-0 62 → 65 %, s0-7 60 → 61 %); lr 1e-3 is noisier (74 %). The likely limit is the policy family:
+      the exact optimum's transitions are Gaussians reweighted by exp(r/β)-to-go, which a fixed-variance Gaussian
+      step (CPS) cannot represent, so the KL-regularised optimum within the family is a projection that under-moves
+      well-separated modes — the same under-move the Gaussian-step Flow-GRPO shows on the default world's two-mode
+      prompt (62 % of the gain, README).
 """
 
 from __future__ import annotations
