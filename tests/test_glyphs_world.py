@@ -185,8 +185,7 @@ def test_shipped_teacher_writes_held_out_words_that_rapidocr_reads():
     assert exact[4] <= exact[25] + 0.1, exact
 
 
-@pytest.mark.parametrize("method", ("rtdmd", "didr", "crd", "tdm_r1", "flow_grpo", "nft", "refl", "di_star", "dmd2",
-                                    "tdm"))
+@pytest.mark.parametrize("method", registry.names("methods"))
 def test_every_method_has_a_glyphs_preset_within_the_30_minute_budget(method):
     """Every seed method's glyphs preset resolves (no unknown keys), the reward-driven ones train on ocr_ctc, and each
     stops itself at 30 minutes (issue 19's budget). Flow-GRPO's carries the two settings that made it raise the judge
@@ -195,7 +194,7 @@ def test_every_method_has_a_glyphs_preset_within_the_30_minute_budget(method):
 
     r = resolve(method, "glyphs")
     assert isinstance(r.world, GlyphsConfig)
-    if method not in ("dmd2", "tdm"):
+    if registry.load("methods", method).reward_driven:
         assert [x[0] for x in r.rewards] == ["ocr_ctc"]
     assert r.trainer.max_minutes == 30
     if method == "flow_grpo":

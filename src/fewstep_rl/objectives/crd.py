@@ -41,6 +41,11 @@ Weighting = Literal["elbo", "adaptive"]
 Centering = Literal["group", "batch"]
 
 
+def elbo_weight(t: Tensor) -> Tensor:
+    """The ELBO weight ``(1 − t)/t`` of a squared velocity error at noise level ``t`` (module docstring), elementwise."""
+    return (1 - t) / t
+
+
 def implicit_reward(
     v: Tensor, v_ref: Tensor, u: Tensor, t: Tensor, weighting: Weighting = "adaptive", floor: float = 1e-5
 ) -> Tensor:
@@ -61,7 +66,7 @@ def implicit_reward(
     err, err_ref = (v - u) ** 2, (v_ref - u) ** 2
     if weighting == "elbo":
         tt = expand_sigma(torch.as_tensor(t, device=v.device, dtype=v.dtype), v)
-        w = ((1 - tt) / tt).reshape(-1) if tt.ndim else (1 - tt) / tt
+        w = elbo_weight(tt).reshape(-1) if tt.ndim else elbo_weight(tt)
         diff = (err - err_ref).reshape(v.shape[0], -1).sum(dim=1)
         return -w * diff
     if weighting == "adaptive":
@@ -165,7 +170,7 @@ def velocity_kl(v: Tensor, v_ref: Tensor, coef: Tensor | float | None = None) ->
 def consistency_weight(t: Tensor, weighting: Literal["uniform", "elbo"] = "uniform") -> Tensor | None:
     """Per-sample noise-level weight of CRD's self-consistency flow matching ``w(t) · mean_d ‖v_θ(x_t) − u‖²``.
 
-    ``uniform``: ``None`` (w = 1). ``elbo``: ``w(t) = (1 − t)/t``, the weight the ``elbo`` implicit reward puts on the
+    ``uniform``: ``None`` (w = 1). ``elbo``: :func:`elbo_weight`, the weight the ``elbo`` implicit reward puts on the
     same squared error, so the regression and the consistency term trade off equally at every level. With uniform
     weights the consistency term dominates at high noise, where ``(1 − t)/t → 0`` and where the mode masses are
     decided, and holds the masses back (issue 13: mode-move 74 % on ``2d-linear-s0-0``).
@@ -175,5 +180,5 @@ def consistency_weight(t: Tensor, weighting: Literal["uniform", "elbo"] = "unifo
     if weighting == "uniform":
         return None
     if weighting == "elbo":
-        return (1 - t) / t
+        return elbo_weight(t)
     raise ValueError(f"consistency weighting must be 'uniform' or 'elbo', got {weighting!r}")
