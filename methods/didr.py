@@ -50,6 +50,15 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
       IKL gradient ``∂x_t/∂θ`` of a generator ``x0 = g_θ(z)`` says. DMD2's last-step-only gradient (``last``) never
       trains the steps that choose a mode: the integral KL's large-t terms see the mode weights, but only the last
       step can respond, by dragging samples across the gap (a bridge between modes; issue 13, 100x the noise floor).
+    * ``weighting: batch`` (toy2d preset), not ``kl``, although ``kl`` draws shapes better. On worlds it was not tuned
+      on (``fewstep-rl validate --method didr --seed 1``) the batch-normalised loss leaves some components too narrow
+      (2d-linear-s1-3: sample std 0.78× the target's, 31.8× the noise floor): its normaliser weights every level
+      alike in clean-estimate units, where a width error shows only as ``O(t²)`` at small t. ``kl`` (the KL's own
+      ``(1−t)²/t²`` profile) fixes that world (1.6×, std 1.0×) but, weighting the large-t levels that set the mode
+      masses ~100× less, misplaces masses elsewhere (2d-linear-s0-0: 114 % of the mode move; 2d-linear-s1-0: 84 %, and
+      switched on for the second half of the run only, 125 %: the main mode took 0.98 of a prompt's mass instead of
+      0.79). Neither a raised ``t_min`` (0.1: std 0.71×), a faster fake score (lr 3e-3: 0.73–0.79×), nor a
+      ``((1−t)/t)`` time weight under the batch normaliser (0.80×) fixed the width (issue 13 notes, session 26).
 """
 
 from __future__ import annotations
