@@ -108,12 +108,13 @@ Deviations from the paper / reference code:
       measured: the exact optimum's transitions are Gaussians reweighted by the exp(r/β)-to-go, which RTDMD's
       fixed-std CPS(η) step cannot represent, so the best chain of that family is a projection that under-moves
       modes. ``benchmarks/rtdmd_family_ceiling.py`` finds that in-family optimum of ``E[r]/β − KL(chain ‖ ref)``
-      exactly on a 1-D two-mode problem (free mean per step, exact KL, reparameterised gradients; no network,
-      estimator or run-length limit): with K = 4, η = 0.9 it reaches **78–84 % of the mode-mass move and 83–91 % of
-      the reward gain** (β 0.8–3, modes 3–5 apart), the validate medians of seed 0 (76 % / 86 %) within a few points
-      of it; seed 1's (71 % / 76 %, 8-D and 4-component worlds at 51–70 % of the move) further below, so there
-      convergence or the estimator costs another 5–30 points. More CPS steps do not lift it (K = 8: 78 % / 83 %; K = 16: 78 % / 81 %: at η = 0.9 each step re-draws
-      almost all of its noise, so smaller steps are not closer to a diffusion), η = 1 is the same (80 % / 88 %),
+      on a 1-D two-mode problem (a free mean shift per step, exact teacher and KL, reparameterised gradients, so no
+      policy-gradient noise): with K = 4, η = 0.9 it reaches **78–84 % of the mode-mass move and 83–91 % of the
+      reward gain** (β 0.8–3, modes 3–5 apart), the validate medians of seed 0 (76 % / 86 %) within a few points of
+      it; seed 1's (71 % / 76 %, 8-D and 4-component worlds at 51–70 % of the move) further below, so there
+      convergence or the estimator costs another 5–30 points. More CPS steps do not lift it (K = 8: 78 % / 83 %;
+      K = 16: 78 % / 81 %: at η = 0.9 each step re-draws almost all of its noise, so smaller steps are not closer to
+      a diffusion), η = 1 is the same (80 % / 88 %),
       η = 0.5 lower (63 % / 66 %); a learned per-step std (a wider family than the paper's) lifts it to 89 % / 94 %,
       still short. So the 90–110 % closure bar of issue 13 is out of reach for this chain by construction; the
       branch's fixed point is the in-family projection, not ``p·exp(r/β)``, and the validate figures measure the
