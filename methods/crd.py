@@ -104,6 +104,11 @@ Deviations:
       β = 0.25 (was 1.9× with the uniform weight).
       Tried before and not helping: lower uniform ``fm_coef`` (frees the masses but over-tilts within-mode shifts:
       default world 112 % / 145 % at 0.2), SDE rollouts without it (~20 % under), T = 96 draws, log-t levels.
+    * Iterations (toy2d preset 4000, was 1000): the random worlds were far from converged at 1000 — one world
+      (``2d-linear-s1-6``) went 86 % / 57× / mode move 78 % → 95 % / 16× / 89 % at 3000, a region world
+      (``2d-region-s1-7``, training seed 0) 74 % / 43× → 84 % / 5.2× (3000) → 88 % / 4.1× (5000). 10-world medians in
+      the README. Re-tried in session 27 and still not offered: the cross-fitted (double-sampling) regression
+      diverged again, log-t levels lost (83 % / 87× on s1-6).
     * ``forward_batch``: a micro-batch of whole groups can be pushed through the network in pieces; the stop-gradient
       group means come from a no-grad pass first, so loss and gradient equal the one-pass values (tested).
 """

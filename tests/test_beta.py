@@ -159,6 +159,7 @@ def test_di_star_gain_hand_values():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two full presets: crd 2 × 4000 it. ≈ 10 min, didr 2 × 20 000 it. ≈ 7 min at one thread
 @pytest.mark.parametrize("method", REWARD_DRIVEN)
 def test_trained_reward_follows_the_tilted_target_at_two_betas(method, tmp_path):
     """Every method against the closed-form tilt — except ``di_star``, whose practical (DI++) form provably reaches
