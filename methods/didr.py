@@ -57,7 +57,7 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
       masses elsewhere (2d-linear-s0-0: 114 % of the mode move; 2d-linear-s1-0: 84 %, and switched on for the second
       half of the run only, 125 %: the main mode took 0.98 of a prompt's mass instead of 0.79). Neither a raised
       ``t_min`` (0.1: std 0.71×), a faster fake score alone (lr 3e-3: 0.73–0.79×), a ``((1−t)/t)`` time weight under
-      the batch normaliser (0.80×), a per-noise-band normaliser (0.78×), larger adapters (256 wide, 4 layers: 0.76–0.81×)
+      the batch normaliser (0.80×), a per-noise-band normaliser (trial, removed: 0.78×), larger adapters (256 wide, 4 layers: 0.76–0.81×)
       nor 32 000 iterations (0.81×) fixed the width (issue 13 notes, sessions 26–27). The width is a slow, seed-dependent
       approach: 0.50× after 8000 iterations, 0.52× with half the generator updates (``fake_updates_per_gen: 10``).
     * ``lr: 2e-3`` for generator and fake score (toy2d preset; was 1e-3): on 2d-linear-s1-3 (training seed 0) std
