@@ -50,19 +50,26 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
       IKL gradient ``∂x_t/∂θ`` of a generator ``x0 = g_θ(z)`` says. DMD2's last-step-only gradient (``last``) never
       trains the steps that choose a mode: the integral KL's large-t terms see the mode weights, but only the last
       step can respond, by dragging samples across the gap (a bridge between modes; issue 13, 100x the noise floor).
-    * ``weighting: batch`` (toy2d preset), not ``kl``, although ``kl`` draws shapes better. On worlds it was not tuned
-      on (``fewstep-rl validate --method didr --seed 1``) some components come out too narrow (2d-linear-s1-3 at lr
-      1e-3: sample std 0.78× the target's, 31.8× the noise floor). ``kl`` (the KL's own ``(1−t)²/t²`` profile) fixes
-      that world (1.6×, std 1.0×) but, weighting the large-t levels that set the mode masses ~100× less, misplaces
-      masses elsewhere (2d-linear-s0-0: 114 % of the mode move; 2d-linear-s1-0: 84 %, and switched on for the second
-      half of the run only, 125 %: the main mode took 0.98 of a prompt's mass instead of 0.79). Neither a raised
-      ``t_min`` (0.1: std 0.71×), a faster fake score alone (lr 3e-3: 0.73–0.79×), a ``((1−t)/t)`` time weight under
-      the batch normaliser (0.80×), a per-noise-band normaliser (trial, removed: 0.78×), larger adapters (256 wide, 4 layers: 0.76–0.81×)
-      nor 32 000 iterations (0.81×) fixed the width (issue 13 notes, sessions 26–27). The width is a slow, seed-dependent
-      approach: 0.50× after 8000 iterations, 0.52× with half the generator updates (``fake_updates_per_gen: 10``).
-    * ``lr: 2e-3`` for generator and fake score (toy2d preset; was 1e-3): on 2d-linear-s1-3 (training seed 0) std
-      0.96–1.00×, 2.2× the floor. It is not a cure — ``validate --seed 1`` trains that world with seed 1 and it stays at
-      23× — but it lowers the unseen-seed median (README, Validation).
+    * ``weighting: sample`` (toy2d preset since session 28; was ``batch``): the DMD paper's per-sample normaliser
+      (each sample's direction divided by its own ``mean|x0 − x̂0_ref|``; methods.md §1.4). Under the batch mean
+      some components of unseen worlds stayed too narrow: on 2d-linear-s1-3 (validate training seed 1, lr 2e-3)
+      23× the noise floor, on 2d-linear-s1-6 18×, 8d-linear-s1-9 21.7×. The per-sample normaliser shrinks with t
+      (``|x0 − x̂0_ref| ≈ t`` for t below a component's std), so it weights the small-t levels, where a component's
+      width shows, roughly ``1/t`` more than the batch mean does — between ``batch`` (flat) and ``kl``
+      (``(1−t)²/t²``, below) — while the large-t levels that set the mode masses keep their weight. Same fixed point
+      (a positive per-sample rescaling). Those three worlds: 1.1×, 1.8×, 5.0×; the 20-world figures are in the
+      README ("Validation"). Why it works where a ``((1−t)/t)`` time factor under the batch normaliser did not
+      (below) is not established; the per-sample scale also down-weights the samples farthest from the reference's
+      denoised estimate.
+    * History of the width problem under ``weighting: batch`` (issue 13, sessions 26–27): ``kl`` (the KL's own
+      ``(1−t)²/t²`` profile) fixes 2d-linear-s1-3 (1.6×, std 1.0×) but, weighting the large-t levels that set the
+      mode masses ~100× less, misplaces masses elsewhere (2d-linear-s0-0: 114 % of the mode move; 2d-linear-s1-0:
+      84 %, and switched on for the second half of the run only, 125 %). Neither a raised ``t_min`` (0.1: std
+      0.71×), a faster fake score alone (lr 3e-3: 0.73–0.79×), a ``((1−t)/t)`` time weight under the batch
+      normaliser (0.80×), a per-noise-band normaliser (trial, removed: 0.78×), larger adapters (256 wide, 4 layers:
+      0.76–0.81×) nor 32 000 iterations (0.81×) fixed the width there (training seed 0, lr 1e-3).
+    * ``lr: 2e-3`` for generator and fake score (toy2d preset; was 1e-3; session 27, under ``batch``): on
+      2d-linear-s1-3 (training seed 0) std 0.96–1.00×, 2.2× the floor, and lower unseen-seed medians.
 """
 
 from __future__ import annotations
