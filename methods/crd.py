@@ -109,6 +109,9 @@ Deviations:
       (``2d-region-s1-7``, training seed 0) 74 % / 43× → 84 % / 5.2× (3000) → 88 % / 4.1× (5000). 10-world medians in
       the README. Re-tried in session 27 and still not offered: the cross-fitted (double-sampling) regression
       diverged again, log-t levels lost (83 % / 87× on s1-6).
+    * ``lr: 2e-3`` (toy2d preset since session 28; was 1e-3), same 4000 iterations and cosine schedule: the runs
+      move further toward the tilt (``2d-region-s1-5`` 23.4× → 12.6×, ``2d-region-s0-5`` 32.5× → 19.9×; 20 worlds:
+      better on 18, geometric-mean energy ratio 0.73; default world 5.0× → 4.5× the floor).
     * ``forward_batch``: a micro-batch of whole groups can be pushed through the network in pieces; the stop-gradient
       group means come from a no-grad pass first, so loss and gradient equal the one-pass values (tested).
 """
