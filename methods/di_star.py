@@ -18,12 +18,12 @@ Each iteration:
    reference (CFG) and fake clean estimates without gradient, and the terminal reward gradient
    ``∇_{x0} r(Dec(x0))`` (back-prop through decoder and differentiable reward at the clean output). The generator
    step follows ``g = g_DM − ∇_{x0} r/β`` (:func:`~fewstep_rl.objectives.diffused_reward.surrogate_loss`): with
-   ``weighting: kl`` ``g_DM`` is the exact pathwise ``∇KL_t`` (:mod:`fewstep_rl.objectives.kl_dmd`), so the step is
+   ``dmd_weighting: kl`` ``g_DM`` is the exact pathwise ``∇KL_t`` (:mod:`fewstep_rl.objectives.kl_dmd`), so the step is
    the gradient of ``KL_t(p_θ,t ‖ p_ref,t) − E[r(x0)]/β``; with ``sample``/``batch`` it is the normalised DMD
    direction (methods.md §1.4) and β is only a relative reward weight (DI++'s α = 1/β).
 3. Fake-score DSM on detached generator samples (TTUR). 4. EMA.
 
-β-regime and fixed point (``weighting: kl``, the toy2d preset): β is DI++'s 1/α, the exact coefficient of
+β-regime and fixed point (``dmd_weighting: kl``, the toy2d preset): β is DI++'s 1/α, the exact coefficient of
 ``E[r]`` against the integral KL, so training follows ``∇[E_t KL_t(p_θ,t ‖ p_ref,t) − E[r]/β]``. Target: none
 exactly. ``∫ w(t)[KL(p_θ,t ‖ p_ref,t)] dt − E[r]/β`` has its t > 0 KL terms minimised by p_ref, so its
 optimum is a reward tilt of p_ref whose strength depends on w(t) (weaker or stronger than the clean tilt
@@ -46,7 +46,7 @@ this baseline differ only in where the reward acts (diffused score vs terminal g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -63,6 +63,8 @@ from fewstep_rl.sampling import Transition, forward_noise, random_stop, sample, 
 class DIStarConfig:
     """Hyper-parameters of the DI++-form baseline ``di_star`` (presets in configs/di_star/*.yaml)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"weighting": "dmd_weighting"}  # old keys fail with the new name (config.build)
+
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(1, "generator sampling steps K (1 = one-step generator)")
     shift: float = knob(1.0, "static schedule shift γ of the generator's σ-grid (SD3: 3.0)")
@@ -76,7 +78,7 @@ class DIStarConfig:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     fake_updates_per_gen: int = knob(5, "TTUR: fake-score updates per generator update")
     guidance: float | None = knob(None, "reference CFG scale (α_cfg; default: the world's)")
-    weighting: Literal["sample", "batch", "kl"] = knob(
+    dmd_weighting: Literal["sample", "batch", "kl"] = knob(
         "sample", "generator loss scale: normalised DMD per sample / per batch, or the exact KL scale (kl)"
     )
     t_min: float = knob(0.02, "lower bound of the re-noising level t")
@@ -92,8 +94,8 @@ class DIStarConfig:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 < self.t_min < self.t_max < 1.0:
             raise ValueError(f"need 0 < t_min < t_max < 1, got {self.t_min}, {self.t_max}")
-        if self.weighting not in ("sample", "batch", "kl"):
-            raise ValueError(f"weighting must be 'sample', 'batch' or 'kl', got {self.weighting!r}")
+        if self.dmd_weighting not in ("sample", "batch", "kl"):
+            raise ValueError(f"dmd_weighting must be 'sample', 'batch' or 'kl', got {self.dmd_weighting!r}")
         if len(self.adam_betas) != 2:
             raise ValueError("adam_betas takes two numbers")
         Transition.parse(self.transition)
@@ -152,10 +154,10 @@ class DIStar(FewStepMethod):
                 x0_ref = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "teacher", self.guidance))
                 x0_fake = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "fake_score"))
             grad_r, r = reward_input_grad(differentiable_reward_fn(self.rewards, self.backbone.decode, prompts), x0)
-            if cfg.weighting == "kl":
+            if cfg.dmd_weighting == "kl":
                 g_dm, reduce = kl_dmd_direction(x0, x0_fake, x0_ref, t), "sample_sum"
             else:
-                g_dm, reduce = dmd_grad_direction(x0, x0_fake, x0_ref, cfg.weighting), "mean"
+                g_dm, reduce = dmd_grad_direction(x0, x0_fake, x0_ref, cfg.dmd_weighting), "mean"
             loss_g = surrogate_loss(x0, g_dm - grad_r.double() / cfg.beta, reduce)
             metrics["generator/loss"] = loss_g.detach()
             metrics["generator/reward"] = r.mean()

@@ -32,7 +32,7 @@ Each iteration (one prompt batch):
        the frozen reference from (x_t, t) to 0, decode, differentiable reward(s), ``∇_{x_t}`` by autograd with x_t
        detached from the generator, divided by β; or
      * ``drs: exact`` — the closed form for the toy2d Gaussian-mixture reference and linear rewards;
-   then the DMD loss on ``x0`` with fake estimate ``x̂0_ψ - t²/(1-t)·s_r`` — ``weighting: kl`` keeps the exact KL
+   then the DMD loss on ``x0`` with fake estimate ``x̂0_ψ - t²/(1-t)·s_r`` — ``dmd_weighting: kl`` keeps the exact KL
    scale (:func:`~fewstep_rl.objectives.kl_dmd.kl_dmd_loss`), ``sample``/``batch`` use the normalised DMD loss
    (methods.md §1.4; the [RECON] stability default) — a positive per-sample rescaling, so the same fixed point.
 3. Fake-score update every iteration: flow-matching DSM on the detached generator samples (methods.md §3.3 Stage I).
@@ -50,7 +50,7 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
       IKL gradient ``∂x_t/∂θ`` of a generator ``x0 = g_θ(z)`` says. DMD2's last-step-only gradient (``last``) never
       trains the steps that choose a mode: the integral KL's large-t terms see the mode weights, but only the last
       step can respond, by dragging samples across the gap (a bridge between modes; issue 13, 100x the noise floor).
-    * ``weighting: sample`` (toy2d preset since session 28; was ``batch``): the DMD paper's per-sample normaliser
+    * ``dmd_weighting: sample`` (toy2d preset since session 28; was ``batch``): the DMD paper's per-sample normaliser
       (each sample's direction divided by its own ``mean|x0 − x̂0_ref|``; methods.md §1.4). Under the batch mean
       some components of unseen worlds stayed too narrow: on 2d-linear-s1-3 (validate training seed 1, lr 2e-3)
       23× the noise floor, on 2d-linear-s1-6 18×, 8d-linear-s1-9 21.7×. The per-sample normaliser shrinks with t
@@ -61,7 +61,7 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
       README ("Validation"). Why it works where a ``((1−t)/t)`` time factor under the batch normaliser did not
       (below) is not established; the per-sample scale also down-weights the samples farthest from the reference's
       denoised estimate.
-    * History of the width problem under ``weighting: batch`` (issue 13, sessions 26–27): ``kl`` (the KL's own
+    * History of the width problem under ``dmd_weighting: batch`` (issue 13, sessions 26–27): ``kl`` (the KL's own
       ``(1−t)²/t²`` profile) fixes 2d-linear-s1-3 (1.6×, std 1.0×) but, weighting the large-t levels that set the
       mode masses ~100× less, misplaces masses elsewhere (2d-linear-s0-0: 114 % of the mode move; 2d-linear-s1-0:
       84 %, and switched on for the second half of the run only, 125 %). Neither a raised ``t_min`` (0.1: std
@@ -75,7 +75,7 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -99,6 +99,8 @@ from fewstep_rl.sampling import Transition, forward_noise, random_stop, sample, 
 class DIDRConfig:
     """Hyper-parameters of DIDR (placeholders of methods.md §3.5; presets in configs/didr/*.yaml)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"weighting": "dmd_weighting"}  # old keys fail with the new name (config.build)
+
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(1, "generator sampling steps K (1 = one-step generator)")
     shift: float = knob(1.0, "static schedule shift γ of the generator's σ-grid (SD3: 3.0)")
@@ -120,7 +122,7 @@ class DIDRConfig:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     fake_updates_per_gen: int = knob(5, "TTUR: fake-score updates per generator update")
     guidance: float | None = knob(None, "reference CFG scale ω of s̃_ref (default: the world's)")
-    weighting: Literal["sample", "batch", "kl"] = knob(
+    dmd_weighting: Literal["sample", "batch", "kl"] = knob(
         "sample", "generator loss scale: normalised DMD per sample / per batch, or the exact KL scale (kl)"
     )
     t_min: float = knob(0.02, "lower bound of the re-noising level t")
@@ -142,8 +144,8 @@ class DIDRConfig:
             raise ValueError(f"chain_grad must be 'last' or 'all', got {self.chain_grad!r}")
         if self.drs not in ("drp", "exact"):
             raise ValueError(f"drs must be 'drp' or 'exact', got {self.drs!r}")
-        if self.weighting not in ("sample", "batch", "kl"):
-            raise ValueError(f"weighting must be 'sample', 'batch' or 'kl', got {self.weighting!r}")
+        if self.dmd_weighting not in ("sample", "batch", "kl"):
+            raise ValueError(f"dmd_weighting must be 'sample', 'batch' or 'kl', got {self.dmd_weighting!r}")
         if len(self.adam_betas) != 2:
             raise ValueError("adam_betas takes two numbers")
         Transition.parse(self.transition)
@@ -227,10 +229,10 @@ class DIDR(FewStepMethod):
                 x0_fake = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "fake_score"))
             s_r, r_drp = self.reward_score(x_t, t, cond, prompts)
             y_fake = tilted_fake_x0(x0_fake, s_r, t)
-            if cfg.weighting == "kl":
+            if cfg.dmd_weighting == "kl":
                 loss_g = kl_dmd_loss(x0, y_fake, x0_ref, t)
             else:
-                loss_g = dmd_loss(x0, y_fake, x0_ref, cfg.weighting)
+                loss_g = dmd_loss(x0, y_fake, x0_ref, cfg.dmd_weighting)
             metrics["generator/loss"] = loss_g.detach()
             metrics["generator/reward_score_norm"] = s_r.flatten(1).norm(dim=1).mean()
             if r_drp is not None:

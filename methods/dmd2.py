@@ -35,14 +35,14 @@ Deviations from the paper:
       last step, so the fake score models exactly the distribution that is sampled. With the random stop the fake
       score models the *mixture* of the k-step outputs, and in toy2d the hard one-step output (k = 1) biases the
       generator's final output: measured energy distance to the teacher 0.025 vs 0.003 after 3000 iterations.
-    * ``dmd_normalizer: batch`` divides by the batch mean of |x̂0 − x̂0_T| instead of the per-sample mean (the per-sample
+    * ``dmd_weighting: batch`` divides by the batch mean of |x̂0 − x̂0_T| instead of the per-sample mean (the per-sample
       weight has infinite variance in 2-D); the fixed point is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -56,6 +56,8 @@ from fewstep_rl.sampling import Transition, forward_noise, random_stop, sample, 
 @dataclass
 class DMD2Config:
     """Hyper-parameters of DMD2 (defaults: toy scale; see configs/dmd2/*.yaml for presets)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"dmd_normalizer": "dmd_weighting"}  # old keys fail with the new name (config.build)
 
     beta: float | None = knob(None, "ignored by training (distillation-only; accepted so one shared β config runs every method)")
     batch_size: int = knob(64, "prompts per batch per rank")
@@ -72,7 +74,7 @@ class DMD2Config:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     fake_updates_per_gen: int = knob(5, "TTUR: fake-score updates per generator update")
     guidance: float | None = knob(None, "teacher CFG scale ω in the DMD loss (default: the world's)")
-    dmd_normalizer: Literal["sample", "batch"] = knob(
+    dmd_weighting: Literal["sample", "batch"] = knob(
         "sample", "DMD normaliser mean|x0 − x0_teacher|: per sample (paper) or over the batch (low-dim worlds)"
     )
     t_min: float = knob(0.02, "lower bound of the DMD re-noising level")
@@ -134,7 +136,7 @@ class DMD2(FewStepMethod):
             with torch.no_grad():
                 x0_teacher = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "teacher", self.guidance))
                 x0_fake = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "fake_score"))
-            loss_g = dmd_loss(x0, x0_fake, x0_teacher, cfg.dmd_normalizer)
+            loss_g = dmd_loss(x0, x0_fake, x0_teacher, cfg.dmd_weighting)
             metrics["generator/loss"] = loss_g.detach()
             metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.grad_clip)
             self.ema_update(self.ema)

@@ -19,8 +19,8 @@ Stage 1 — AC-DMD cold start (§2.3), iterations ``0 .. stage1_iterations-1``; 
    ``λ_c`` × the two-sample consistency loss (§2.3 steps 1–5: anchor ``h0 = x_t − t v_φ`` with gradient,
    ``t' = max(t − Δ/1000, 0)``, ``Δ ~ U{1..200}``, two independent CPS(η) moves with the detached anchor velocity,
    ``mean[(h1 − h0)(h2 − h0)]``).
-3. Generator (every ``ttur``-th iteration, fresh rollout with gradient on its last executed step): teacher (CFG ω)
-   and fake velocities at ``x_t`` (no grad), both transported back to level ``s`` by CPS(η) with the *same* noise
+3. Generator (every ``fake_updates_per_gen``-th iteration, fresh rollout with gradient on its last executed step):
+   teacher (CFG ω) and fake velocities at ``x_t`` (no grad), both transported back to level ``s`` by CPS(η) with the *same* noise
    ``z``; the normalised DMD loss ``L_DMD(y = x_s, ŷ_F, ŷ_T)`` (§1.4).
 4. Model-level EMA ``θ̄ ← d θ̄ + (1−d) θ`` every iteration (d = 0.99), even without a generator step.
 
@@ -47,12 +47,13 @@ generator steps (the shapes preset: 16 prompts in stage 1, 4 epochs of 4 prompts
    differentiable rewards (BP hinge).
 6. Parameter EMA with warm-up ``min((1+n)/(10+n), d)`` every ``ema_every_stage2`` generator steps.
 
-Knobs that set β. ``dmd_weighting: kl`` (toy2d preset) replaces the normalised DMD loss of the aux branch by the
+Knobs that set β. ``aux_dmd_weighting: kl`` (toy2d preset) replaces the normalised DMD loss of the aux branch by the
 exact pathwise ``∇KL_t`` (:mod:`fewstep_rl.objectives.kl_dmd`) and uses ``bp_scale = dm_weight/beta``: with the
 hinge in its linear part the last step then follows ``∇[KL_t(q‖p) − E r/β]`` whose minimiser is ``p·exp(r/β)`` as
-``t → 0`` (``aux_t_max`` small). ``dmd_weighting: normalized`` (paper; shapes/sd3 presets) keeps RTDMD's weights
-(``dm_weight`` 1e-3, ``bp_scale`` 1e-4, margin 3) whose implied β has no closed form (§2.7: "very large effective
-β"); ``beta`` is then only the temperature used by evaluation. ``ppo_weight`` scales the likelihood-ratio part.
+``t → 0`` (``aux_t_max`` small). ``aux_dmd_weighting: null`` (paper; shapes/sd3 presets: the normalised DMD with
+stage 1's normaliser ``dmd_weighting``) keeps RTDMD's weights (``dm_weight`` 1e-3, ``bp_scale`` 1e-4, margin 3) whose
+implied β has no closed form (§2.7: "very large effective β"); ``beta`` is then only the temperature used by
+evaluation. ``ppo_weight`` scales the likelihood-ratio part.
 
 Deviations from the paper / reference code:
     * The stage-boundary merge ("merge the stage-1 adapters into the base, start fresh ones") is a *private* merge:
@@ -67,7 +68,7 @@ Deviations from the paper / reference code:
       created empty (all zero: no effect on any output; stage 1 pays their extra LoRA product per forward) before
       sharding, and the boundary fills them with shard-local copies, so stage 2 runs sharded. (``init_from`` with
       ``stage1_iterations: 0`` folds the same way; that path is not yet exercised under FSDP2 by the tests.)
-    * Generator step on iterations with ``iteration % ttur == 0`` (the code: ``(it+1) % 10 == 0``) — a phase shift.
+    * Generator step on iterations with ``iteration % fake_updates_per_gen == 0`` (the code: ``(it+1) % 10 == 0``) — a phase shift.
     * An epoch is one prompt batch per rank (``batch_size`` prompts × ``group_size``), rolled out in ``micro_batches``
       chunks that are also the training micro-batches (no shuffle between rollout and training, so a chunk's
       recomputed log-probs are bit-identical to its rollout's); samples with advantage exactly 0 are kept (they add
@@ -79,9 +80,9 @@ Deviations from the paper / reference code:
       step, s = 0). Measured on toy2d (4000 stage-1 iterations): with the random stop the energy distance to the
       teacher plateaus at 0.011–0.013 (60x the noise floor 0.00019), with or without the consistency term; without
       it, 0.001. The sd3 preset keeps the paper's random stop.
-    * ``dmd_weighting: kl``, ``aux_t_min/max``, ``fake_t_min/max``, ``fake_scale_out`` exist for the toy2d
-      calibration (explicit β); the paper values are ``normalized``, [0.02, 0.98], clamp [0.02, 0.98], true.
-    * ``dmd_normalizer: batch`` (toy2d) divides the normalised DMD direction by the batch mean instead of the
+    * ``aux_dmd_weighting: kl``, ``aux_t_min/max``, ``fake_t_min/max``, ``fake_scale_out`` exist for the toy2d
+      calibration (explicit β); the paper values are null (normalised), [0.02, 0.98], clamp [0.02, 0.98], true.
+    * ``dmd_weighting: batch`` (toy2d) divides the normalised DMD direction by the batch mean instead of the
       per-sample mean (infinite-variance weights in 2-D; see methods/dmd2.py).
     * ``ppo_advantage: beta`` + ``ppo_kl`` (issue 13; the paper has β_KL = 0 and std-normalised advantages). Where
       the mass between *modes* goes is decided by the stochastic steps, which only the PPO branch trains: the last
@@ -124,7 +125,7 @@ Deviations from the paper / reference code:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -165,7 +166,14 @@ from fewstep_rl.sampling.transitions import transition_mean_std
 class RTDMDConfig:
     """Hyper-parameters of RTDMD (defaults: the paper's where scale-free; see configs/rtdmd/*.yaml)."""
 
-    beta: float = knob(1.0, "tilt temperature β of the target p·exp(r/β) (sets bp_scale with dmd_weighting: kl)")
+    RENAMED: ClassVar[dict[str, str]] = {  # old keys and values fail with the new setting (config.build)
+        "ttur": "fake_updates_per_gen",
+        "dmd_normalizer": "dmd_weighting",
+        "dmd_weighting=kl": "'method.aux_dmd_weighting: kl' (the stage-2 DM term)",
+        "dmd_weighting=normalized": "the default 'method.aux_dmd_weighting: null' (stage 2 uses method.dmd_weighting)",
+    }
+
+    beta: float = knob(1.0, "tilt temperature β of the target p·exp(r/β) (sets bp_scale with aux_dmd_weighting: kl)")
     batch_size: int = knob(8, "prompts per batch per rank (stage 2: prompts per epoch per rank)")
     group_size: int = knob(8, "samples per prompt K (stage 2 groups; stage 1 uses every sample as a draw)")
     num_steps: int = knob(4, "generator steps (CPS chain; the last step is deterministic)")
@@ -179,7 +187,7 @@ class RTDMDConfig:
     lr_fake_score: float | None = knob(None, "stage-1 fake-score learning rate (default: lr)")
     adam_betas: list[float] = knob([0.9, 0.999], "AdamW betas (both stages)")
     weight_decay: float = knob(0.0, "stage-1 AdamW weight decay (both roles)")
-    ttur: int = knob(10, "stage 1: fake-score updates per generator update")
+    fake_updates_per_gen: int = knob(10, "stage 1 TTUR: fake-score updates per generator update")
     random_stop: bool = knob(True, "stage 1: random stop index k in 1..K (false: always the full chain)")
     stage1_one_per_group: bool = knob(
         False, "stage 1 uses only the first sample of each prompt group (distinct prompts when group_size is large)"
@@ -189,7 +197,9 @@ class RTDMDConfig:
     consistency_weight: float = knob(0.01, "λ_c of the two-sample consistency regulariser (0 = off)")
     consistency_max_delta: int = knob(200, "Δ ~ U{1..this} timestep units (1/1000) of the consistency move")
     fake_scale_out: bool = knob(True, "ambient DSM in the scale-out form (weight min(1, 10 b²)); false: plain")
-    dmd_normalizer: Literal["sample", "batch"] = knob("sample", "normalised DMD: per-sample (paper) or batch mean")
+    dmd_weighting: Literal["sample", "batch"] = knob(
+        "sample", "DMD normaliser mean|x̂0 − x̂0_T| of stage 1 (and of stage 2 by default): per sample (paper) or batch"
+    )
     ema_decay: float = knob(0.99, "stage-1 model-level EMA decay, every iteration")
     grad_clip: float = knob(1.0, "gradient-norm clip of both roles, both stages (0 = off)")
     # stage 2 (RTDMD)
@@ -211,8 +221,10 @@ class RTDMDConfig:
         0.0, "β_KL of the stochastic steps' KL to the frozen stage-1 generator (paper 0; 1 with beta: the β-tilt)"
     )
     dm_weight: float = knob(1e-3, "w_dm: weight of the DM term on the last step")
-    dmd_weighting: Literal["normalized", "kl"] = knob(
-        "normalized", "aux DM term: RTDMD's normalised DMD (paper) or the exact ∇KL_t (explicit β = dm_weight/bp_scale)"
+    aux_dmd_weighting: Literal["sample", "batch", "kl"] | None = knob(
+        None,
+        "stage-2 DM term: normalised DMD per sample / batch (null: dmd_weighting; paper) or the exact ∇KL_t (kl: "
+        "explicit β = dm_weight/bp_scale)",
     )
     bp_scale: float | None = knob(None, "λ_bp of the BP hinge (default: 1e-4 normalized; dm_weight/beta with kl)")
     bp_margin: float = knob(3.0, "margin m of the BP hinge ReLU(m − r)")
@@ -233,8 +245,8 @@ class RTDMDConfig:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1] (CPS θ = ηπ/2), got {self.eta}")
-        if self.stage1_iterations < 0 or self.ttur < 1:
-            raise ValueError("stage1_iterations must be >= 0 and ttur >= 1")
+        if self.stage1_iterations < 0 or self.fake_updates_per_gen < 1:
+            raise ValueError("stage1_iterations must be >= 0 and fake_updates_per_gen >= 1")
         if len(self.adam_betas) != 2:
             raise ValueError("adam_betas takes two numbers")
         if len(self.renoise_clamp) != 2 or not 0.0 < self.renoise_clamp[0] < self.renoise_clamp[1] < 1.0:
@@ -269,11 +281,15 @@ class RTDMDConfig:
         if self.ppo_advantage not in ("normalized", "beta"):
             raise ValueError(f"ppo_advantage must be 'normalized' or 'beta', got {self.ppo_advantage!r}")
 
+    def aux_weighting(self) -> str:
+        """The stage-2 DM term's weighting: ``aux_dmd_weighting``, else stage 1's normaliser ``dmd_weighting``."""
+        return self.aux_dmd_weighting or self.dmd_weighting
+
     def bp(self) -> float:
         """λ_bp: explicit, else ``dm_weight/beta`` for ``kl`` weighting (explicit β), else the paper's 1e-4."""
         if self.bp_scale is not None:
             return self.bp_scale
-        return self.dm_weight / self.beta if self.dmd_weighting == "kl" else 1e-4
+        return self.dm_weight / self.beta if self.aux_weighting() == "kl" else 1e-4
 
 
 class RTDMD(FewStepMethod):
@@ -424,12 +440,12 @@ class RTDMD(FewStepMethod):
         metrics.update(m, **{"fake_score/loss": loss_f.detach()})
         metrics["fake_score/grad_norm"] = self._step("fake_score", loss_f)
         # generator: subinterval DMD at the stop level (TTUR)
-        if self.iteration % cfg.ttur == 0:
+        if self.iteration % cfg.fake_updates_per_gen == 0:
             x_s, s = self._rollout_stage1(cond, n, "gen", "last")
             x_t, _, t = self._renoise(x_s.detach(), s, "gen/renoise")
             z = self.randn(x_s.shape, self.rng("gen/z")).to(x_s)
             y_t, y_f = self.dm_transport(x_t, t, s, cond, z)
-            loss_g = dmd_loss(x_s, y_f, y_t, cfg.dmd_normalizer)
+            loss_g = dmd_loss(x_s, y_f, y_t, cfg.dmd_weighting)
             metrics["generator/loss"] = loss_g.detach()
             metrics["generator/grad_norm"] = self._step("generator", loss_g)
         # model-level EMA every iteration
@@ -529,10 +545,11 @@ class RTDMD(FewStepMethod):
         zero = torch.zeros_like(t)
         x_t = ambient_renoise(x0.detach(), n, t, zero)
         y_t, y_f = self.dm_transport(x_t, t, zero, cond, torch.zeros_like(x0))
-        if cfg.dmd_weighting == "kl":
+        weighting = cfg.aux_weighting()
+        if weighting == "kl":
             dm = kl_dmd_loss(x0, y_f, y_t, t)
         else:
-            dm = dmd_loss(x0, y_f, y_t, cfg.dmd_normalizer)
+            dm = dmd_loss(x0, y_f, y_t, weighting)
         loss = cfg.dm_weight * dm
         out = {"generator/dm": dm.detach(), "generator/bp_active": float(self.bp_active)}
         diff = self.rewards.differentiable_subset()

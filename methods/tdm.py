@@ -30,7 +30,7 @@ generator's clean estimate follows the score difference between the guided teach
 generator's own clean estimates (an integral KL over levels above the step's boundary).
 
 Knobs: ``guidance`` (ω; default the world's), ``train_steps`` (steps trained per iteration), ``level_margin``,
-``fake_teacher_reg``, ``huber_c``, ``normalizer`` (``batch`` for toy2d), learning rates (demo: generator lr = fake lr/5,
+``fake_teacher_reg``, ``huber_c``, ``dmd_weighting`` (``batch`` for toy2d), learning rates (demo: generator lr = fake lr/5,
 Adam β = (0, 0.95)).
 
 Deviations from the reference code:
@@ -38,13 +38,13 @@ Deviations from the reference code:
       demo's x0-space MSE weighted by min(SNR, 5) × an importance weight for the mixed noise.
     * Rollouts use the Euler chain that training assumes. Released TDM models are *sampled* with DPM-Solver++(2M);
       training treats every step as an Euler step, so Euler keeps rollout and training consistent (no solver here).
-    * ``normalizer: batch`` (toy2d) divides by the batch mean of ``|x̂0 − x̂0^T|`` (infinite-variance weights in 2-D).
+    * ``dmd_weighting: batch`` (toy2d) divides by the batch mean of ``|x̂0 − x̂0^T|`` (infinite-variance weights in 2-D).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -63,6 +63,8 @@ from fewstep_rl.sampling.tdm_times import level_above
 class TDMConfig:
     """Hyper-parameters of TDM (defaults: the demo's where scale-free; see configs/tdm/*.yaml)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting"}  # old keys fail with the new name (config.build)
+
     beta: float | None = knob(None, "ignored by training (distillation-only; accepted so one shared β config runs every method)")
     batch_size: int = knob(16, "prompts per batch per rank")
     num_steps: int = knob(4, "generator steps K (deterministic Euler chain)")
@@ -78,7 +80,7 @@ class TDMConfig:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     fake_teacher_reg: float = knob(0.0, "weight of mean (T − f)² in the fake loss (TDM-R1: 0.02)")
     huber_c: float | None = knob(None, "pseudo-Huber c of the direction loss (demo option 1e-3; None: squared)")
-    normalizer: Literal["sample", "batch"] = knob("sample", "direction weight mean|x̂0 − x̂0^T|: per sample or batch")
+    dmd_weighting: Literal["sample", "batch"] = knob("sample", "direction weight mean|x̂0 − x̂0^T|: per sample or batch")
     grad_clip: float = knob(1.0, "gradient-norm clip of both roles (0 = off)")
     ema_decay: float = knob(0.99, "generator EMA decay per generator update")
     ema_warmup: bool = knob(True, "EMA decay min((1+n)/(10+n), ema_decay) (methods.md §1.6)")
@@ -138,7 +140,7 @@ class TDM(FewStepMethod):
             x0_teacher = x0_from_v(x_tau, tau, self.backbone.velocity(x_tau, tau, cond, "teacher", self.guidance))
             x0_fake = x0_from_v(x_tau, tau, v_f.detach())
         loss_f = tdm_fake_loss(v_f, x_tau, x0.detach(), tau, v_t, cfg.fake_teacher_reg)
-        w = direction_weight(x0, x0_teacher, cfg.normalizer)
+        w = direction_weight(x0, x0_teacher, cfg.dmd_weighting)
         loss_g = direction_loss(x0, x0_teacher - x0_fake, w, cfg.huber_c)
         return {"fake": loss_f, "generator": loss_g}
 

@@ -102,14 +102,14 @@ Deviations from the reference code:
     * Group-shared noise is keyed by the group id (unique across ranks) instead of the prompt, so two groups with the
       same prompt in one batch (toy2d has two prompts) get independent noise.
     * ``shared_levels: false`` (toy2d presets) draws one level per sample instead of one per global batch, and
-      ``normalizer: batch`` divides the direction losses by batch means (2-D: per-sample weights have infinite
+      ``dmd_weighting: batch`` divides the direction losses by batch means (2-D: per-sample weights have infinite
       variance); the paper values are ``true`` and ``sample``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -133,6 +133,8 @@ from fewstep_rl.sampling.tdm_times import level_above, weighted_step
 class TDMR1Config:
     """Hyper-parameters of TDM-R1 (defaults: the OCR recipe of methods.md §4.8; see configs/tdm_r1/*.yaml)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting"}  # old keys fail with the new name (config.build)
+
     beta: float = knob(1.0, "β of the target p_ref·exp(r/β): trains with regime tilt (surrogate KL); else evaluation only")
     regime: Literal["paper", "tilt"] = knob(
         "paper", "paper: DGPO surrogate + λ-mixed directions; tilt: advantage-weighted DSM + β·R surrogate, DM toward it"
@@ -155,7 +157,7 @@ class TDMR1Config:
     reward_steps: int | None = knob(None, "j_trunc: steps j < j_trunc get the reward direction (None: all)")
     reward_t_min: float = knob(0.3, "t_min: lower bound of the generator's reward query level (OCR 0.3, GenEval 0.25)")
     huber_c: float | None = knob(None, "pseudo-Huber c of the direction losses (code: off)")
-    normalizer: Literal["sample", "batch"] = knob("sample", "direction weights per sample (code) or batch mean")
+    dmd_weighting: Literal["sample", "batch"] = knob("sample", "direction weights per sample (code) or batch mean")
     # fake score
     fake_teacher_reg: float = knob(0.02, "weight of mean (T − f)² in the fake loss")
     # surrogate (DGPO)
@@ -359,7 +361,7 @@ class TDMR1(FewStepMethod):
             else:
                 x0_w, d_cfg = x0_c, torch.zeros_like(x0_c)
             d_kl = x0_c - x0_f
-            w_f = direction_weight(x0, x0_w, cfg.normalizer)
+            w_f = direction_weight(x0, x0_w, cfg.dmd_weighting)
             with_rl = tilt or j < self.j_trunc
             if tilt:
                 x0_d = x0_from_v(x_tau, tau, self.backbone.velocity(x_tau, tau, cond, "surrogate"))
@@ -370,7 +372,7 @@ class TDMR1(FewStepMethod):
                 x0_d = x0_from_v(x_r, tau_r, self.backbone.velocity(x_r, tau_r, cond, "surrogate", cfg.rl_guidance))
                 x0_ref = x0_from_v(x_r, tau_r, self.backbone.velocity(x_r, tau_r, cond, "reference"))
                 d_rl = x0_d - x0_ref
-                w_r = direction_weight(x0, x0_d, cfg.normalizer)
+                w_r = direction_weight(x0, x0_d, cfg.dmd_weighting)
         lam = 0.0 if tilt else cfg.tdm_weight
         l_cfg = direction_loss(x0, d_cfg, w_f, cfg.huber_c) if self.cfg_scale != 0.0 and not tilt else None
         l_kl = direction_loss(x0, d_kl, w_f, cfg.huber_c)

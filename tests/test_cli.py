@@ -27,6 +27,12 @@ def test_unknown_method_key_names_key_and_closest():
     assert "Traceback" not in p.stderr
 
 
+def test_renamed_key_names_its_new_name():
+    p = run("fit", "--method", "rtdmd", "--world", "toy2d", "--method.ttur", "2")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "'method.ttur' was renamed 'method.fake_updates_per_gen'" in p.stderr
+
+
 def test_no_such_key():
     p = run("fit", "--method", "dmd2", "--method.no_such_key", "1")
     assert p.returncode == 2 and "method.no_such_key" in p.stderr and "did you mean" in p.stderr

@@ -72,3 +72,22 @@ def test_resolve_layers_preset_file_override(tmp_path):
         resolve("dmd2", "toy2d", (), {"rewards": [{"name": "linear", "w": "x"}]})
     with pytest.raises(ConfigError, match="unknown reward 'lineer'; did you mean 'linear'"):
         resolve("dmd2", "toy2d", (), {"rewards": [{"name": "lineer"}]})
+
+
+@pytest.mark.parametrize(
+    "method,old,value,new",
+    [
+        ("dmd2", "dmd_normalizer", "batch", "dmd_weighting"),
+        ("tdm", "normalizer", "batch", "dmd_weighting"),
+        ("tdm_r1", "normalizer", "batch", "dmd_weighting"),
+        ("didr", "weighting", "kl", "dmd_weighting"),
+        ("di_star", "weighting", "kl", "dmd_weighting"),
+        ("rtdmd", "dmd_normalizer", "batch", "dmd_weighting"),
+        ("rtdmd", "ttur", 2, "fake_updates_per_gen"),
+    ],
+)
+def test_renamed_keys_fail_with_the_new_name_and_the_new_name_works(method, old, value, new):
+    """One name per concept: the DMD normaliser is ``dmd_weighting`` and TTUR is ``fake_updates_per_gen`` everywhere."""
+    with pytest.raises(ConfigError, match=f"'method.{old}' was renamed 'method.{new}'"):
+        resolve(method, "toy2d", (), {f"method.{old}": value})
+    assert getattr(resolve(method, "toy2d", (), {f"method.{new}": value}).method, new) == value

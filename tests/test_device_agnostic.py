@@ -44,7 +44,7 @@ def test_the_mode_flags_a_draw_without_device():
     [
         # sd3 LoRA roles (adapter init), the prompt stream, stage 1 and stage 2 with group-shared noise
         ("rtdmd", {"method.stage1_iterations": 1, "method.batch_size": 2, "method.group_size": 2,
-                   "method.micro_batches": 1, "method.ttur": 1, "method.stage2_epochs_per_batch": 2,
+                   "method.micro_batches": 1, "method.fake_updates_per_gen": 1, "method.stage2_epochs_per_batch": 2,
                    "trainer.eval_samples": 8}),
         ("dmd2", {"method.batch_size": 2, "trainer.eval_samples": 8}),
     ],

@@ -10,7 +10,7 @@ DISTAR = "fewstep_rl.methods.di_star:DIStar"
 LINEAR = [{"name": "linear", "w": [1.0, 0.0]}]
 TOY = {
     "method.num_steps": 4,
-    "method.weighting": "batch",
+    "method.dmd_weighting": "batch",
     "method.adam_betas": [0.9, 0.999],
     "method.beta": 0.5,
     "rewards": LINEAR,
@@ -42,7 +42,7 @@ def test_needs_a_differentiable_reward_and_valid_config():
 
     with pytest.raises(ValueError, match="differentiable"):
         build_method(resolve(DISTAR, "toy2d", (), {"rewards": [{"name": "region"}]}))
-    for key, value in (("beta", -1.0), ("t_min", 0.0), ("weighting", "x")):
+    for key, value in (("beta", -1.0), ("t_min", 0.0), ("dmd_weighting", "x")):
         with pytest.raises((ValueError, ConfigError)):
             resolve(DISTAR, "toy2d", (), {f"method.{key}": value, "rewards": LINEAR})
 

@@ -143,7 +143,7 @@ def test_tilted_fake_x0_gives_the_tilted_kl_gradient():
 
 
 @pytest.mark.parametrize(
-    "key,value", [("beta", 0.0), ("drp_steps", 0), ("t_max", 1.0), ("drs", "mc"), ("weighting", "none")]
+    "key,value", [("beta", 0.0), ("drp_steps", 0), ("t_max", 1.0), ("drs", "mc"), ("dmd_weighting", "none")]
 )
 def test_config_rejects_bad_values(key, value):
     from fewstep_rl.config import ConfigError

@@ -15,7 +15,7 @@ from fewstep_rl.testing.contract import role_state, run_fit, run_interrupted_and
 
 M = "fewstep_rl.methods.rtdmd:RTDMD"
 # stage-2 settings small enough for seconds-long tests (explicit-β weighting as in the toy2d preset)
-S2 = {"method.group_size": 4, "method.batch_size": 4, "method.micro_batches": 2, "method.dmd_weighting": "kl",
+S2 = {"method.group_size": 4, "method.batch_size": 4, "method.micro_batches": 2, "method.aux_dmd_weighting": "kl",
       "method.dm_weight": 1.0, "method.beta": 0.25, "method.bp_margin": 100.0, "method.aux_t_max": 0.15,
       "method.fake_t_max": 0.15, "method.lr_stage2": 1e-3, "method.lr_fake_stage2": 1e-3}
 
@@ -123,9 +123,21 @@ def test_bad_config_is_rejected_with_a_clear_message(over, match):
 def test_bp_scale_sets_beta_with_kl_weighting():
     from fewstep_rl.run import resolve
 
-    cfg = resolve(M, "toy2d", (), {"method.dmd_weighting": "kl", "method.dm_weight": 2.0, "method.beta": 0.5}).method
+    cfg = resolve(M, "toy2d", (), {"method.aux_dmd_weighting": "kl", "method.dm_weight": 2.0, "method.beta": 0.5}).method
     assert cfg.bp() == pytest.approx(4.0)
     assert resolve(M, "toy2d", (), {}, use_preset=False).method.bp() == pytest.approx(1e-4)
+
+
+def test_stage2_dm_weighting_follows_stage1_normaliser_unless_set():
+    from fewstep_rl.run import resolve
+
+    cfg = resolve(M, "toy2d", (), {"method.dmd_weighting": "batch", "method.aux_dmd_weighting": None}).method
+    assert cfg.aux_weighting() == "batch" and cfg.bp() == pytest.approx(1e-4)
+    cfg = resolve(M, "toy2d", (), {"method.dmd_weighting": "batch", "method.aux_dmd_weighting": "sample"}).method
+    assert cfg.aux_weighting() == "sample"
+    assert resolve(M, "toy2d", (), {}).method.aux_weighting() == "kl"  # the toy2d preset: explicit β
+    with pytest.raises(ConfigError, match="'method.dmd_weighting: kl' is now 'method.aux_dmd_weighting: kl'"):
+        resolve(M, "toy2d", (), {"method.dmd_weighting": "kl"})
 
 
 # ---------------------------------------------------------------------------------------------- mechanics
@@ -149,13 +161,13 @@ def test_contract_roles_change_teacher_frozen_checkpoint_slim(tmp_path):
     n_role = sum(p.numel() for r in module.backbone.roles for p in module.backbone.role_parameters(r))
     n_fold = sum(p.numel() for p in module.backbone.store.folded.parameters())  # frozen stage-1 adapters (boundary at 3)
     assert n_fold == 2 * n_role // 3 and sum(v.numel() for v in sd.values()) == n_role + n_fold
-    assert module.updates == {"generator": 1 + 3, "fake_score": 6}  # stage 1: ttur 10 → only iteration 0
+    assert module.updates == {"generator": 1 + 3, "fake_score": 6}  # stage 1: fake_updates_per_gen 10 → only iteration 0
 
 
 @pytest.mark.parametrize("interrupt", [2, 3, 4])
 def test_resume_across_the_stage_boundary_is_bit_exact(tmp_path, interrupt):
     """Boundary at iteration 3: checkpoints before it, exactly at it, and after it all resume bit for bit."""
-    over = {"method.stage1_iterations": 3, "method.ttur": 2, **S2}
+    over = {"method.stage1_iterations": 3, "method.fake_updates_per_gen": 2, **S2}
     full, _, _ = run_fit(M, tmp_path / "full", steps=6, overrides=over)
     resumed = run_interrupted_and_resumed(M, tmp_path, steps=6, interrupt_after=interrupt, overrides=over)
     a, b = role_state(full), role_state(resumed)
@@ -169,7 +181,7 @@ def test_resume_across_the_stage_boundary_is_bit_exact(tmp_path, interrupt):
 def test_several_stage2_epochs_per_batch_step_once_each_and_resume_bit_exact(tmp_path):
     """``stage2_epochs_per_batch: 2``: every stage-2 iteration makes two fake and two generator steps on the two halves
     of its prompt batch, each with its own SubGRPO draw and noise; a run resumed mid-stage-2 matches the full run."""
-    over = {"method.stage1_iterations": 2, "method.ttur": 2, **S2, "method.batch_size": 8,
+    over = {"method.stage1_iterations": 2, "method.fake_updates_per_gen": 2, **S2, "method.batch_size": 8,
             "method.stage2_epochs_per_batch": 2}
     full, _, logged = run_fit(M, tmp_path / "full", steps=5, overrides=over)
     assert logged["_all_finite"] == 1.0

@@ -150,11 +150,28 @@ def check_value(key: str, value: Any, where: str) -> None:
         raise ConfigError(f"'{where}': a learning rate must be a finite number > 0, got {value}")
 
 
+def renamed_message(cls: type, where: str, key: str, value: Any) -> str | None:
+    """The message for a retired key (or key value) that ``cls.RENAMED`` lists, else None.
+
+    ``RENAMED`` maps an old key ``"old"`` to its new key ``"new"`` (same meaning), or an old ``"key=value"`` to a
+    phrase naming the setting that now says it. Old configs then fail with the fix, not a bare unknown key.
+    """
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
+    if isinstance(value, str) and f"{key}={value}" in renamed:
+        return f"'{where}.{key}: {value}' is now {renamed[f'{key}={value}']}; change it in your config"
+    if key in renamed and key not in field_types(cls):
+        return f"'{where}.{key}' was renamed '{where}.{renamed[key]}' (same values); rename it in your config"
+    return None
+
+
 def build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
     data = dict(data or {})
     types_ = field_types(cls)
-    for key in data:
+    for key, value in data.items():
+        moved = renamed_message(cls, where, key, value)
+        if moved:
+            raise ConfigError(moved)
         if key not in types_:
             raise ConfigError(unknown_key_message(where, key, list(types_)))
     kwargs = {k: coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
