@@ -48,22 +48,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import torch
-
 from fewstep_rl.config import knob
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import dmd_grad_direction, flow_matching_loss
+from fewstep_rl.objectives import dmd_grad_direction
 from fewstep_rl.objectives.diffused_reward import differentiable_reward_fn, reward_input_grad, surrogate_loss
 from fewstep_rl.objectives.kl_dmd import kl_dmd_direction
 from fewstep_rl.roles import EMA
-from fewstep_rl.sampling import Transition, forward_noise, random_stop, sample, x0_from_v
+from fewstep_rl.sampling import Transition, x0_from_v
+from fewstep_rl.steps import fake_score_flow_matching_step, generator_rollout, renoised_teacher_fake_x0
 
 
 @dataclass
 class DIStarConfig:
     """Hyper-parameters of the DI++-form baseline ``di_star`` (presets in configs/di_star/*.yaml)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"weighting": "dmd_weighting"}  # old keys fail with the new name (config.build)
+    # old keys fail with the new name (config.build)
+    RENAMED: ClassVar[dict[str, str]] = {"weighting": "dmd_weighting"}
 
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(1, "generator sampling steps K (1 = one-step generator)")
@@ -105,8 +105,10 @@ class DIStar(FewStepMethod):
     """The DI++ form (registry key ``di_star``): integral-KL/DMD update plus a terminal reward gradient ∇r/β."""
 
     name = "di_star"
-    paper = ("DI++ form: Luo 2024, Diff-Instruct++ (arXiv 2405.18881) — integral KL + terminal reward; "
-             "not DI*'s score divergence (arXiv 2410.20898)")
+    paper = (
+        "DI++ form: Luo 2024, Diff-Instruct++ (arXiv 2405.18881) — integral KL + terminal reward; "
+        "not DI*'s score divergence (arXiv 2410.20898)"
+    )
     Config = DIStarConfig
     trainable_roles = ("generator", "fake_score")
     snapshot_roles = {"ema": "generator"}
@@ -131,28 +133,21 @@ class DIStar(FewStepMethod):
         cond = self.backbone.encode_prompts(prompts)
         n = len(prompts)
         gen_step = self.iteration % cfg.fake_updates_per_gen == 0
-        sigmas = self.sampling_sigmas().to(self.device)
-        stop = random_stop(cfg.num_steps, self.rng("stop", per_rank=False)) if cfg.backward_simulation else None
-        g = self.rng("rollout")
-        traj = sample(
-            self.velocity_fn("generator", cond),
-            self.randn(self.sample_shape(n), g),
-            sigmas,
-            self.chain,
+        traj = generator_rollout(
+            self,
+            cond,
+            n,
+            num_steps=cfg.num_steps,
+            backward_simulation=cfg.backward_simulation,
             grad="last" if gen_step else "none",
-            stop=stop,
-            generator=g,
         )
         x0 = x0_from_v(traj.x_in[-1], traj.sigma[-1], traj.v[-1])
         metrics: dict[str, Any] = {"stop": traj.stop}
         # 2. generator: IKL/DMD direction plus the terminal reward gradient
         if gen_step:
-            gt = self.rng("ikl")
-            t = cfg.t_min + (cfg.t_max - cfg.t_min) * self.rand(n, gt)
-            x_t = forward_noise(x0.detach(), self.randn(x0.shape, gt), t)
-            with torch.no_grad():
-                x0_ref = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "teacher", self.guidance))
-                x0_fake = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "fake_score"))
+            _, t, x0_ref, x0_fake = renoised_teacher_fake_x0(
+                self, x0, cond, tag="ikl", t_min=cfg.t_min, t_max=cfg.t_max, guidance=self.guidance
+            )
             grad_r, r = reward_input_grad(differentiable_reward_fn(self.rewards, self.backbone.decode, prompts), x0)
             if cfg.dmd_weighting == "kl":
                 g_dm, reduce = kl_dmd_direction(x0, x0_fake, x0_ref, t), "sample_sum"
@@ -164,12 +159,5 @@ class DIStar(FewStepMethod):
             metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.grad_clip)
             self.ema_update(self.ema)
         # 3. fake score: flow-matching DSM on the detached generator samples
-        gf = self.rng("fake")
-        x0_d = x0.detach()
-        tf = self.rand(n, gf).clamp_min(1e-3)
-        eps = self.randn(x0_d.shape, gf)
-        v = self.backbone.velocity(forward_noise(x0_d, eps, tf), tf, cond, "fake_score")
-        loss_f = flow_matching_loss(v, x0_d, eps)
-        metrics["fake_score/loss"] = loss_f.detach()
-        metrics["fake_score/grad_norm"] = self.update("fake_score", loss_f, cfg.grad_clip)
+        metrics.update(fake_score_flow_matching_step(self, x0, cond, grad_clip=cfg.grad_clip))
         self.log_metrics(metrics)

@@ -44,22 +44,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import torch
-
 from fewstep_rl.config import knob
 from fewstep_rl.method import FewStepMethod
-from fewstep_rl.objectives import dmd_loss, flow_matching_loss
+from fewstep_rl.objectives import dmd_loss
 from fewstep_rl.roles import EMA
-from fewstep_rl.sampling import Transition, forward_noise, random_stop, sample, x0_from_v
+from fewstep_rl.sampling import Transition, x0_from_v
+from fewstep_rl.steps import fake_score_flow_matching_step, generator_rollout, renoised_teacher_fake_x0
 
 
 @dataclass
 class DMD2Config:
     """Hyper-parameters of DMD2 (defaults: toy scale; see configs/dmd2/*.yaml for presets)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"dmd_normalizer": "dmd_weighting"}  # old keys fail with the new name (config.build)
+    # old keys fail with the new name (config.build)
+    RENAMED: ClassVar[dict[str, str]] = {"dmd_normalizer": "dmd_weighting"}
 
-    beta: float | None = knob(None, "ignored by training (distillation-only; accepted so one shared β config runs every method)")
+    beta: float | None = knob(
+        None, "ignored by training (distillation-only; accepted so one shared β config runs every method)"
+    )
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(4, "generator sampling steps K")
     shift: float = knob(1.0, "static schedule shift γ of the generator's σ-grid (SD3: 3.0)")
@@ -119,34 +121,25 @@ class DMD2(FewStepMethod):
         n = len(prompts)
         gen_step = self.iteration % cfg.fake_updates_per_gen == 0
         # 2. backward simulation: the generator's own chain, gradient on the last executed step
-        sigmas = self.sampling_sigmas().to(self.device)
-        stop = random_stop(cfg.num_steps, self.rng("stop", per_rank=False)) if cfg.backward_simulation else None
-        g = self.rng("rollout")
-        traj = sample(
-            self.velocity_fn("generator", cond), self.randn(self.sample_shape(n), g), sigmas, self.chain,
-            grad="last" if gen_step else "none", stop=stop, generator=g,
+        traj = generator_rollout(
+            self,
+            cond,
+            n,
+            num_steps=cfg.num_steps,
+            backward_simulation=cfg.backward_simulation,
+            grad="last" if gen_step else "none",
         )
         x0 = x0_from_v(traj.x_in[-1], traj.sigma[-1], traj.v[-1])
         metrics: dict[str, Any] = {"stop": traj.stop}
         # 3. generator: normalised DMD loss at a random re-noising level (TTUR)
         if gen_step:
-            gt = self.rng("dmd")
-            t = cfg.t_min + (cfg.t_max - cfg.t_min) * self.rand(n, gt)
-            x_t = forward_noise(x0.detach(), self.randn(x0.shape, gt), t)
-            with torch.no_grad():
-                x0_teacher = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "teacher", self.guidance))
-                x0_fake = x0_from_v(x_t, t, self.backbone.velocity(x_t, t, cond, "fake_score"))
+            _, _, x0_teacher, x0_fake = renoised_teacher_fake_x0(
+                self, x0, cond, tag="dmd", t_min=cfg.t_min, t_max=cfg.t_max, guidance=self.guidance
+            )
             loss_g = dmd_loss(x0, x0_fake, x0_teacher, cfg.dmd_weighting)
             metrics["generator/loss"] = loss_g.detach()
             metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.grad_clip)
             self.ema_update(self.ema)
         # 4. fake score: flow matching on the generator's detached samples
-        gf = self.rng("fake")
-        x0_d = x0.detach()
-        t = self.rand(n, gf).clamp_min(1e-3)
-        eps = self.randn(x0_d.shape, gf)
-        v = self.backbone.velocity(forward_noise(x0_d, eps, t), t, cond, "fake_score")
-        loss_f = flow_matching_loss(v, x0_d, eps)
-        metrics["fake_score/loss"] = loss_f.detach()
-        metrics["fake_score/grad_norm"] = self.update("fake_score", loss_f, cfg.grad_clip)
+        metrics.update(fake_score_flow_matching_step(self, x0, cond, grad_clip=cfg.grad_clip))
         self.log_metrics(metrics)

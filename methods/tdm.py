@@ -63,7 +63,8 @@ from fewstep_rl.sampling.tdm_times import level_above
 class TDMConfig:
     """Hyper-parameters of TDM (defaults: the demo's where scale-free; see configs/tdm/*.yaml)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting"}  # old keys fail with the new name (config.build)
+    # old keys fail with the new name (config.build)
+    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting"}
 
     beta: float | None = knob(None, "ignored by training (distillation-only; accepted so one shared β config runs every method)")
     batch_size: int = knob(16, "prompts per batch per rank")

@@ -133,7 +133,8 @@ from fewstep_rl.sampling.tdm_times import level_above, weighted_step
 class TDMR1Config:
     """Hyper-parameters of TDM-R1 (defaults: the OCR recipe of methods.md §4.8; see configs/tdm_r1/*.yaml)."""
 
-    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting"}  # old keys fail with the new name (config.build)
+    # old keys fail with the new name (config.build)
+    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting"}
 
     beta: float = knob(1.0, "β of the target p_ref·exp(r/β): trains with regime tilt (surrogate KL); else evaluation only")
     regime: Literal["paper", "tilt"] = knob(
