@@ -112,6 +112,13 @@ Deviations:
     * ``lr: 2e-3`` (toy2d preset since session 28; was 1e-3), same 4000 iterations and cosine schedule: the runs
       move further toward the tilt (``2d-region-s1-5`` 23.4× → 12.6×, ``2d-region-s0-5`` 32.5× → 19.9×; 20 worlds:
       better on 18, geometric-mean energy ratio 0.73; default world 5.0× → 4.5× the floor).
+      Tried in session 29 on the same worlds and not adopted (paired with lr 2e-3, energy ratio per world):
+      ``lr: 3e-3`` (10 worlds, 5 per seed: better on 6, geometric mean 0.94) and 64 Euler steps instead of 32
+      (20 worlds: better on 11, 0.96; seed 0 median 6.8×, worst 21.7×; seed 1 10.4×, worst 25.6×). The 32-step
+      chain does contract the components: the exact tilted flow under 32-step Euler is 2–5 % too narrow and up
+      to 3.7× the floor on the linear worlds (``benchmarks/toy2d_euler_floor.py``; 64 steps: 1–2.4 %, 2.1×), and the
+      trained field on ``2d-linear-s1-2`` was 10 % too narrow. But halving the chain's share did not move the
+      medians, so the rest of the remaining error is the learned field's, not the sampler's.
     * ``forward_batch``: a micro-batch of whole groups can be pushed through the network in pieces; the stop-gradient
       group means come from a no-grad pass first, so loss and gradient equal the one-pass values (tested).
 """
