@@ -133,14 +133,8 @@ class DIStar(FewStepMethod):
         cond = self.backbone.encode_prompts(prompts)
         n = len(prompts)
         gen_step = self.iteration % cfg.fake_updates_per_gen == 0
-        traj = generator_rollout(
-            self,
-            cond,
-            n,
-            num_steps=cfg.num_steps,
-            backward_simulation=cfg.backward_simulation,
-            grad="last" if gen_step else "none",
-        )
+        traj = generator_rollout(self, cond, n, num_steps=cfg.num_steps, backward_simulation=cfg.backward_simulation,
+                                 grad="last" if gen_step else "none")
         x0 = x0_from_v(traj.x_in[-1], traj.sigma[-1], traj.v[-1])
         metrics: dict[str, Any] = {"stop": traj.stop}
         # 2. generator: IKL/DMD direction plus the terminal reward gradient

@@ -203,14 +203,8 @@ class DIDR(FewStepMethod):
         cond = self.backbone.encode_prompts(prompts)
         n = len(prompts)
         gen_step = self.iteration % cfg.fake_updates_per_gen == 0
-        traj = generator_rollout(
-            self,
-            cond,
-            n,
-            num_steps=cfg.num_steps,
-            backward_simulation=cfg.backward_simulation,
-            grad=cfg.chain_grad if gen_step else "none",
-        )
+        traj = generator_rollout(self, cond, n, num_steps=cfg.num_steps, backward_simulation=cfg.backward_simulation,
+                                 grad=cfg.chain_grad if gen_step else "none")
         if cfg.chain_grad == "all" and gen_step:  # the chain's output with its graph through every step (σ_K = 0)
             x0 = traj.final
         else:

@@ -121,14 +121,8 @@ class DMD2(FewStepMethod):
         n = len(prompts)
         gen_step = self.iteration % cfg.fake_updates_per_gen == 0
         # 2. backward simulation: the generator's own chain, gradient on the last executed step
-        traj = generator_rollout(
-            self,
-            cond,
-            n,
-            num_steps=cfg.num_steps,
-            backward_simulation=cfg.backward_simulation,
-            grad="last" if gen_step else "none",
-        )
+        traj = generator_rollout(self, cond, n, num_steps=cfg.num_steps, backward_simulation=cfg.backward_simulation,
+                                 grad="last" if gen_step else "none")
         x0 = x0_from_v(traj.x_in[-1], traj.sigma[-1], traj.v[-1])
         metrics: dict[str, Any] = {"stop": traj.stop}
         # 3. generator: normalised DMD loss at a random re-noising level (TTUR)
