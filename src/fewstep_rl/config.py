@@ -150,16 +150,16 @@ def check_value(key: str, value: Any, where: str) -> None:
         raise ConfigError(f"'{where}': a learning rate must be a finite number > 0, got {value}")
 
 
-def renamed_message(cls: type, where: str, key: str, value: Any) -> str | None:
-    """The message for a retired key (or key value) that ``cls.RENAMED`` lists, else None.
+def renamed_message(renamed: Mapping[str, str], where: str, key: str, value: Any, known: bool) -> str | None:
+    """The message for a retired key (or key value) that a config class's ``RENAMED`` lists, else None.
 
     ``RENAMED`` maps an old key ``"old"`` to its new key ``"new"`` (same meaning), or an old ``"key=value"`` to a
     phrase naming the setting that now says it. Old configs then fail with the fix, not a bare unknown key.
+    ``known``: ``key`` is still a field of the class (then only its retired values are reported).
     """
-    renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
     if isinstance(value, str) and f"{key}={value}" in renamed:
         return f"'{where}.{key}: {value}' is now {renamed[f'{key}={value}']}; change it in your config"
-    if key in renamed and key not in field_types(cls):
+    if key in renamed and not known:
         return f"'{where}.{key}' was renamed '{where}.{renamed[key]}' (same values); rename it in your config"
     return None
 
@@ -168,8 +168,9 @@ def build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
     data = dict(data or {})
     types_ = field_types(cls)
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
     for key, value in data.items():
-        moved = renamed_message(cls, where, key, value)
+        moved = renamed_message(renamed, where, key, value, key in types_)
         if moved:
             raise ConfigError(moved)
         if key not in types_:

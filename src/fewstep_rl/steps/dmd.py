@@ -21,13 +21,14 @@ from torch import Tensor
 
 from fewstep_rl.objectives import flow_matching_loss
 from fewstep_rl.sampling import Trajectory, forward_noise, random_stop, sample, x0_from_v
+from fewstep_rl.sampling.trajectory import GradMode
 
 if TYPE_CHECKING:
     from fewstep_rl.method import FewStepMethod
 
 
 def generator_rollout(
-    method: FewStepMethod, cond: Any, n: int, *, num_steps: int, backward_simulation: bool, grad: str
+    method: FewStepMethod, cond: Any, n: int, *, num_steps: int, backward_simulation: bool, grad: GradMode
 ) -> Trajectory:
     """The generator's chain on ``n`` prompts from the method's keyed noise (tags ``stop``, ``rollout``).
 
@@ -41,7 +42,7 @@ def generator_rollout(
         method.randn(method.sample_shape(n), g),
         method.sampling_sigmas().to(method.device),
         method.sampling_transition(),
-        grad=grad,  # type: ignore[arg-type]
+        grad=grad,
         stop=stop,
         generator=g,
     )
