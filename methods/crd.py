@@ -109,11 +109,11 @@ Deviations:
       (``2d-region-s1-7``, training seed 0) 74 % / 43× → 84 % / 5.2× (3000) → 88 % / 4.1× (5000). 10-world medians in
       the README. Re-tried in session 27 and still not offered: the cross-fitted (double-sampling) regression
       diverged again, log-t levels lost (83 % / 87× on s1-6).
-    * ``lr: 2e-3`` (toy2d preset since session 28; was 1e-3), same 4000 iterations and cosine schedule: the runs
+    * ``optim.lr: 2e-3`` (toy2d preset since session 28; was 1e-3), same 4000 iterations and cosine schedule: the runs
       move further toward the tilt (``2d-region-s1-5`` 23.4× → 12.6×, ``2d-region-s0-5`` 32.5× → 19.9×; 20 worlds:
       better on 18, geometric-mean energy ratio 0.73; default world 5.0× → 4.5× the floor).
       Tried in session 29 on the same worlds and not adopted (paired with lr 2e-3, energy ratio per world):
-      ``lr: 3e-3`` (10 worlds, 5 per seed: better on 6, geometric mean 0.94) and 64 Euler steps instead of 32
+      ``optim.lr: 3e-3`` (10 worlds, 5 per seed: better on 6, geometric mean 0.94) and 64 Euler steps instead of 32
       (20 worlds: better on 11, 0.96; seed 0 median 6.8×, worst 21.7×; seed 1 10.4×, worst 25.6×). The 32-step
       chain does contract the components: the exact tilted flow under 32-step Euler is 2–5 % too narrow and up
       to 3.7× the floor on the linear worlds (``benchmarks/toy2d_euler_floor.py``; 64 steps: 1–2.4 %, 2.1×), and the
@@ -126,7 +126,7 @@ Deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -144,15 +144,21 @@ from fewstep_rl.objectives.crd import (
     implicit_reward,
     velocity_kl,
 )
+from fewstep_rl.optim import OptimConfig, renamed_flat_keys
 from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Transition, forward_noise, sample
 from fewstep_rl.sampling.stratified import stratified_levels
 
+ROLES: tuple[str, ...] = ("generator",)
+
 
 @dataclass
 class CRDConfig:
     """Hyper-parameters of CRD (defaults: the port's where scale-free; see configs/crd/*.yaml)."""
+
+    # old keys fail with the new name (config.build)
+    RENAMED: ClassVar[dict[str, str]] = renamed_flat_keys()
 
     beta: float = knob(1.0, "β of the tilt p_ref·exp(r/β): implicit reward scale β_crd (port: 1)")
     reward_signal: Literal["raw", "unit"] = knob(
@@ -167,11 +173,10 @@ class CRDConfig:
     num_steps: int = knob(4, "sampling steps of the rollout chain (port: 10 ODE steps)")
     shift: float = knob(1.0, "static schedule shift γ of the σ-grid (SD3: 3.0)")
     transition: str = knob("euler", "rollout/eval chain: euler (ODE) or cps(1.0) (predict x0 and re-noise)")
-    lr: float = knob(3e-4, "learning rate (port LoRA: 3e-4)")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run")
-    adam_betas: list[float] = knob([0.9, 0.999], "AdamW betas")
-    weight_decay: float = knob(1e-4, "AdamW weight decay")
-    grad_clip: float = knob(1.0, "gradient-norm clip (0 = off)")
+    optim: OptimConfig = knob(
+        help="AdamW of the generator (port LoRA: lr 3e-4)",
+        factory=lambda: OptimConfig(lr=3e-4, adam_betas=[0.9, 0.999], weight_decay=1e-4, grad_clip=1.0),
+    )
     opt_steps_per_epoch: int = knob(2, "optimiser steps per epoch; micro-batches of whole prompt groups")
     train_timesteps: int = knob(4, "noise levels per sample per epoch (port: 20; NFT: 9)")
     t_min: float = knob(0.01, "lowest training noise level")
@@ -222,8 +227,7 @@ class CRDConfig:
             raise ValueError("elbo weighting (1−t)/t needs t_min > 0")
         if self.adv_clip <= 0 or self.kl_coef < 0 or self.norm_floor <= 0 or self.fm_coef < 0:
             raise ValueError("adv_clip and norm_floor must be > 0, kl_coef and fm_coef >= 0")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES)
         for tag in ("old", "sampler"):
             d0, dmax, n0 = getattr(self, f"{tag}_d0"), getattr(self, f"{tag}_dmax"), getattr(self, f"{tag}_n0")
             if not (0.0 <= d0 <= 1.0 and 0.0 <= dmax <= 1.0) or getattr(self, f"{tag}_kappa") < 0 or n0 < 0:
@@ -239,7 +243,7 @@ class CRD(FewStepMethod):
     name = "crd"
     paper = "Centered Reward Distillation (arXiv 2603.14128); recipe of the Flow-Factory port"
     Config = CRDConfig
-    trainable_roles = ("generator",)
+    trainable_roles = ROLES
     snapshot_roles = {"old": "generator", "sampler": "generator", "ema": "generator"}
     reward_driven = True
 
@@ -391,7 +395,7 @@ class CRD(FewStepMethod):
             opt.zero_grad(set_to_none=True)
             m = self.micro_batch_loss(x0[sl], prompts[sl], signal[sl], kl_signal[sl], group[sl], t_all[:, sl], gt)
             metrics.update({f"crd/{k}": v for k, v in m.items()})
-            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
+            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.optim.grad_clip)
             self.ema_update(self.ema)
         metrics["generator/loss"] = metrics["crd/crd_loss"]
         # 6. snapshot blending

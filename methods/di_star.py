@@ -53,9 +53,12 @@ from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import dmd_grad_direction
 from fewstep_rl.objectives.diffused_reward import differentiable_reward_fn, reward_input_grad, surrogate_loss
 from fewstep_rl.objectives.kl_dmd import kl_dmd_direction
+from fewstep_rl.optim import OptimConfig, renamed_flat_keys
 from fewstep_rl.roles import EMA
 from fewstep_rl.sampling import Transition, x0_from_v
 from fewstep_rl.steps import fake_score_flow_matching_step, generator_rollout, renoised_teacher_fake_x0
+
+ROLES: tuple[str, ...] = ("generator", "fake_score")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class DIStarConfig:
     """Hyper-parameters of the DI++-form baseline ``di_star`` (presets in configs/di_star/*.yaml)."""
 
     # old keys fail with the new name (config.build)
-    RENAMED: ClassVar[dict[str, str]] = {"weighting": "dmd_weighting"}
+    RENAMED: ClassVar[dict[str, str]] = {"weighting": "dmd_weighting", **renamed_flat_keys("fake_score")}
 
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(1, "generator sampling steps K (1 = one-step generator)")
@@ -71,11 +74,10 @@ class DIStarConfig:
     transition: str = knob("cps(1.0)", "generator chain transition (cps(1.0) = predict x0 and re-noise)")
     backward_simulation: bool = knob(False, "random stop index in 1..K (DMD2); false: full chain, grad on last step")
     beta: float = knob(1.0, "reward temperature: reward gradient ∇r/β (DI++'s α = 1/β)")
-    lr: float = knob(1e-3, "learning rate of generator and fake score")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run (both roles)")
-    lr_fake_score: float | None = knob(None, "fake-score learning rate (default: lr)")
-    adam_betas: list[float] = knob([0.0, 0.99], "AdamW betas")
-    weight_decay: float = knob(0.0, "AdamW weight decay")
+    optim: OptimConfig = knob(
+        help="AdamW of the roles generator, fake_score (a TTUR learning rate: roles.fake_score.lr)",
+        factory=lambda: OptimConfig(lr=1e-3, adam_betas=[0.0, 0.99], weight_decay=0.0, grad_clip=10.0),
+    )
     fake_updates_per_gen: int = knob(5, "TTUR: fake-score updates per generator update")
     guidance: float | None = knob(None, "reference CFG scale (α_cfg; default: the world's)")
     dmd_weighting: Literal["sample", "batch", "kl"] = knob(
@@ -83,7 +85,6 @@ class DIStarConfig:
     )
     t_min: float = knob(0.02, "lower bound of the re-noising level t")
     t_max: float = knob(0.98, "upper bound of the re-noising level t")
-    grad_clip: float = knob(10.0, "gradient-norm clip of both roles (0 = off)")
     ema_decay: float = knob(0.99, "generator EMA decay per generator update")
     ema_warmup: bool = knob(False, "EMA decay min((1+n)/(10+n), ema_decay) over the first updates (methods.md §1.6)")
 
@@ -94,10 +95,7 @@ class DIStarConfig:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 < self.t_min < self.t_max < 1.0:
             raise ValueError(f"need 0 < t_min < t_max < 1, got {self.t_min}, {self.t_max}")
-        if self.dmd_weighting not in ("sample", "batch", "kl"):
-            raise ValueError(f"dmd_weighting must be 'sample', 'batch' or 'kl', got {self.dmd_weighting!r}")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES)
         Transition.parse(self.transition)
 
 
@@ -110,7 +108,7 @@ class DIStar(FewStepMethod):
         "not DI*'s score divergence (arXiv 2410.20898)"
     )
     Config = DIStarConfig
-    trainable_roles = ("generator", "fake_score")
+    trainable_roles = ROLES
     snapshot_roles = {"ema": "generator"}
     reward_driven = True
 
@@ -150,8 +148,8 @@ class DIStar(FewStepMethod):
             loss_g = surrogate_loss(x0, g_dm - grad_r.double() / cfg.beta, reduce)
             metrics["generator/loss"] = loss_g.detach()
             metrics["generator/reward"] = r.mean()
-            metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.grad_clip)
+            metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.optim.grad_clip)
             self.ema_update(self.ema)
         # 3. fake score: flow-matching DSM on the detached generator samples
-        metrics.update(fake_score_flow_matching_step(self, x0, cond, grad_clip=cfg.grad_clip))
+        metrics.update(fake_score_flow_matching_step(self, x0, cond, grad_clip=cfg.optim.grad_clip))
         self.log_metrics(metrics)

@@ -68,7 +68,7 @@ Deviations / choices ([RECON] knobs, all documented in methods.md §3.7 as unkno
       0.71×), a faster fake score alone (lr 3e-3: 0.73–0.79×), a ``((1−t)/t)`` time weight under the batch
       normaliser (0.80×), a per-noise-band normaliser (trial, removed: 0.78×), larger adapters (256 wide, 4 layers:
       0.76–0.81×) nor 32 000 iterations (0.81×) fixed the width there (training seed 0, lr 1e-3).
-    * ``lr: 2e-3`` for generator and fake score (toy2d preset; was 1e-3; session 27, under ``batch``): on
+    * ``optim.lr: 2e-3`` for generator and fake score (toy2d preset; was 1e-3; session 27, under ``batch``): on
       2d-linear-s1-3 (training seed 0) std 0.96–1.00×, 2.2× the floor, and lower unseen-seed medians.
 """
 
@@ -90,9 +90,12 @@ from fewstep_rl.objectives.diffused_reward import (
     tilted_fake_x0,
 )
 from fewstep_rl.objectives.kl_dmd import kl_dmd_loss
+from fewstep_rl.optim import OptimConfig, renamed_flat_keys
 from fewstep_rl.roles import EMA
 from fewstep_rl.sampling import Transition, x0_from_v
 from fewstep_rl.steps import fake_score_flow_matching_step, generator_rollout, renoised_teacher_fake_x0
+
+ROLES: tuple[str, ...] = ("generator", "fake_score")
 
 
 @dataclass
@@ -100,7 +103,7 @@ class DIDRConfig:
     """Hyper-parameters of DIDR (placeholders of methods.md §3.5; presets in configs/didr/*.yaml)."""
 
     # old keys fail with the new name (config.build)
-    RENAMED: ClassVar[dict[str, str]] = {"weighting": "dmd_weighting"}
+    RENAMED: ClassVar[dict[str, str]] = {"weighting": "dmd_weighting", **renamed_flat_keys("fake_score")}
 
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(1, "generator sampling steps K (1 = one-step generator)")
@@ -116,11 +119,10 @@ class DIDRConfig:
     )
     drp_steps: int = knob(1, "K_r: differentiable Euler steps of the frozen reference from x_t to 0 in the DRP")
     drp_guidance: float | None = knob(None, "CFG scale of the DRP denoiser (default: the reference's, `guidance`)")
-    lr: float = knob(1e-3, "learning rate of generator and fake score")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run (both roles)")
-    lr_fake_score: float | None = knob(None, "fake-score learning rate (default: lr)")
-    adam_betas: list[float] = knob([0.0, 0.99], "AdamW betas")
-    weight_decay: float = knob(0.0, "AdamW weight decay")
+    optim: OptimConfig = knob(
+        help="AdamW of the roles generator, fake_score (a TTUR learning rate: roles.fake_score.lr)",
+        factory=lambda: OptimConfig(lr=1e-3, adam_betas=[0.0, 0.99], weight_decay=0.0, grad_clip=10.0),
+    )
     fake_updates_per_gen: int = knob(5, "TTUR: fake-score updates per generator update")
     guidance: float | None = knob(None, "reference CFG scale ω of s̃_ref (default: the world's)")
     dmd_weighting: Literal["sample", "batch", "kl"] = knob(
@@ -128,7 +130,6 @@ class DIDRConfig:
     )
     t_min: float = knob(0.02, "lower bound of the re-noising level t")
     t_max: float = knob(0.98, "upper bound of the re-noising level t")
-    grad_clip: float = knob(10.0, "gradient-norm clip of both roles (0 = off)")
     ema_decay: float = knob(0.99, "generator EMA decay per generator update")
     ema_warmup: bool = knob(False, "EMA decay min((1+n)/(10+n), ema_decay) over the first updates (methods.md §1.6)")
 
@@ -145,10 +146,7 @@ class DIDRConfig:
             raise ValueError(f"chain_grad must be 'last' or 'all', got {self.chain_grad!r}")
         if self.drs not in ("drp", "exact"):
             raise ValueError(f"drs must be 'drp' or 'exact', got {self.drs!r}")
-        if self.dmd_weighting not in ("sample", "batch", "kl"):
-            raise ValueError(f"dmd_weighting must be 'sample', 'batch' or 'kl', got {self.dmd_weighting!r}")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES)
         Transition.parse(self.transition)
 
 
@@ -158,7 +156,7 @@ class DIDR(FewStepMethod):
     name = "didr"
     paper = "Diff-Instruct with Diffused Reward (DIDR), reconstruction of methods.md §3"
     Config = DIDRConfig
-    trainable_roles = ("generator", "fake_score")
+    trainable_roles = ROLES
     snapshot_roles = {"ema": "generator"}
     reward_driven = True
 
@@ -225,8 +223,8 @@ class DIDR(FewStepMethod):
             metrics["generator/reward_score_norm"] = s_r.flatten(1).norm(dim=1).mean()
             if r_drp is not None:
                 metrics["generator/drp_reward"] = r_drp.mean()
-            metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.grad_clip)
+            metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.optim.grad_clip)
             self.ema_update(self.ema)
         # 3. fake score (TA): flow-matching DSM on the detached generator samples
-        metrics.update(fake_score_flow_matching_step(self, x0, cond, grad_clip=cfg.grad_clip))
+        metrics.update(fake_score_flow_matching_step(self, x0, cond, grad_clip=cfg.optim.grad_clip))
         self.log_metrics(metrics)

@@ -47,9 +47,12 @@ from typing import Any, ClassVar, Literal
 from fewstep_rl.config import knob
 from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import dmd_loss
+from fewstep_rl.optim import OptimConfig, renamed_flat_keys
 from fewstep_rl.roles import EMA
 from fewstep_rl.sampling import Transition, x0_from_v
 from fewstep_rl.steps import fake_score_flow_matching_step, generator_rollout, renoised_teacher_fake_x0
+
+ROLES: tuple[str, ...] = ("generator", "fake_score")
 
 
 @dataclass
@@ -57,7 +60,7 @@ class DMD2Config:
     """Hyper-parameters of DMD2 (defaults: toy scale; see configs/dmd2/*.yaml for presets)."""
 
     # old keys fail with the new name (config.build)
-    RENAMED: ClassVar[dict[str, str]] = {"dmd_normalizer": "dmd_weighting"}
+    RENAMED: ClassVar[dict[str, str]] = {"dmd_normalizer": "dmd_weighting", **renamed_flat_keys("fake_score")}
 
     beta: float | None = knob(
         None, "ignored by training (distillation-only; accepted so one shared β config runs every method)"
@@ -69,11 +72,11 @@ class DMD2Config:
     backward_simulation: bool = knob(
         True, "random stop index k in 1..K (DMD2); false: always the full K-step chain, gradient on its last step"
     )
-    lr: float = knob(1e-3, "learning rate of generator and fake score")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run (both roles)")
-    lr_fake_score: float | None = knob(None, "fake-score learning rate (default: lr)")
-    adam_betas: list[float] = knob([0.0, 0.99], "AdamW betas (DMD2 SDXL uses (0.0, 0.999) for the GAN setup)")
-    weight_decay: float = knob(0.0, "AdamW weight decay")
+    optim: OptimConfig = knob(
+        help="AdamW of the roles generator, fake_score (a TTUR learning rate: roles.fake_score.lr); DMD2 SDXL uses "
+        "betas (0.0, 0.999) for the GAN setup",
+        factory=lambda: OptimConfig(lr=1e-3, adam_betas=[0.0, 0.99], weight_decay=0.0, grad_clip=10.0),
+    )
     fake_updates_per_gen: int = knob(5, "TTUR: fake-score updates per generator update")
     guidance: float | None = knob(None, "teacher CFG scale ω in the DMD loss (default: the world's)")
     dmd_weighting: Literal["sample", "batch"] = knob(
@@ -81,7 +84,6 @@ class DMD2Config:
     )
     t_min: float = knob(0.02, "lower bound of the DMD re-noising level")
     t_max: float = knob(0.98, "upper bound of the DMD re-noising level")
-    grad_clip: float = knob(10.0, "gradient-norm clip of both roles (0 = off)")
     ema_decay: float = knob(0.99, "generator EMA decay per generator update")
     ema_warmup: bool = knob(False, "EMA decay min((1+n)/(10+n), ema_decay) over the first updates (methods.md §1.6)")
 
@@ -90,8 +92,7 @@ class DMD2Config:
             raise ValueError("num_steps, fake_updates_per_gen and batch_size must be >= 1")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES)
         Transition.parse(self.transition)
 
 
@@ -101,7 +102,7 @@ class DMD2(FewStepMethod):
     name = "dmd2"
     paper = "Yin et al. 2024, Improved Distribution Matching Distillation (arXiv 2405.14867)"
     Config = DMD2Config
-    trainable_roles = ("generator", "fake_score")
+    trainable_roles = ROLES
     snapshot_roles = {"ema": "generator"}
 
     def __init__(self, cfg: DMD2Config, world: Any, rewards: Any = None, seed: int = 0, run_config: dict | None = None):
@@ -132,8 +133,8 @@ class DMD2(FewStepMethod):
             )
             loss_g = dmd_loss(x0, x0_fake, x0_teacher, cfg.dmd_weighting)
             metrics["generator/loss"] = loss_g.detach()
-            metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.grad_clip)
+            metrics["generator/grad_norm"] = self.update("generator", loss_g, cfg.optim.grad_clip)
             self.ema_update(self.ema)
         # 4. fake score: flow matching on the generator's detached samples
-        metrics.update(fake_score_flow_matching_step(self, x0, cond, grad_clip=cfg.grad_clip))
+        metrics.update(fake_score_flow_matching_step(self, x0, cond, grad_clip=cfg.optim.grad_clip))
         self.log_metrics(metrics)

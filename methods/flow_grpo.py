@@ -58,7 +58,7 @@ Deviations from the paper:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -68,16 +68,22 @@ from fewstep_rl.distributed import over_ranks
 from fewstep_rl.init_from import load_roles
 from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import mean_kl, ppo_clip_loss, regime_advantages
+from fewstep_rl.optim import OptimConfig, renamed_flat_keys
 from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA
 from fewstep_rl.sampling import NoiseSource, Trajectory, Transition, recompute_log_prob, sample, transition_mean_std
 from fewstep_rl.sampling.noise import group_noise
 from fewstep_rl.sampling.subsets import step_subset
 
+ROLES: tuple[str, ...] = ("generator",)
+
 
 @dataclass
 class FlowGRPOConfig:
     """Hyper-parameters of Flow-GRPO (defaults: the paper's where scale-free; see configs/flow_grpo/*.yaml)."""
+
+    # old keys fail with the new name (config.build)
+    RENAMED: ClassVar[dict[str, str]] = renamed_flat_keys()
 
     beta: float = knob(1.0, "β of the target p_ref·exp(r/β): the KL coefficient with regime tilt; else evaluation only")
     regime: Literal["paper", "tilt"] = knob(
@@ -90,10 +96,10 @@ class FlowGRPOConfig:
     transition: str = knob("cps(0.9)", "stochastic rollout transition: flow_sde(0.7) (paper) or cps(η) (few-step)")
     guidance: float = knob(1.0, "CFG scale of the policy in rollout and training (Flow-GRPO: 4.5)")
     init_from: str | None = knob(None, "checkpoint of an earlier run: generator, ref_policy, ema ← its ema")
-    lr: float = knob(3e-4, "learning rate (Flow-GRPO LoRA: 3e-4)")
-    adam_betas: list[float] = knob([0.9, 0.999], "AdamW betas")
-    weight_decay: float = knob(1e-4, "AdamW weight decay")
-    grad_clip: float = knob(1.0, "gradient-norm clip (0 = off)")
+    optim: OptimConfig = knob(
+        help="AdamW of the generator (Flow-GRPO LoRA: lr 3e-4)",
+        factory=lambda: OptimConfig(lr=3e-4, adam_betas=[0.9, 0.999], weight_decay=1e-4, grad_clip=1.0),
+    )
     ppo_clip: float = knob(1e-4, "PPO clip ε")
     adv_clip: float = knob(5.0, "advantage clip")
     kl_coef: float = knob(0.04, "β_KL of the mean-space KL to the reference policy (0 = off; regime tilt uses beta)")
@@ -120,8 +126,7 @@ class FlowGRPOConfig:
             raise ValueError(f"train_steps must be >= 1 or null, got {self.train_steps}")
         if self.ppo_clip <= 0 or self.adv_clip <= 0 or self.kl_coef < 0:
             raise ValueError("ppo_clip and adv_clip must be > 0 and kl_coef >= 0")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES)
         if self.ema_every < 1 or not 0 <= self.ema_decay <= 1:
             raise ValueError("ema_decay must lie in [0, 1] and ema_every must be >= 1")
 
@@ -132,7 +137,7 @@ class FlowGRPO(FewStepMethod):
     name = "flow_grpo"
     paper = "Liu et al. 2025, Flow-GRPO: Training Flow Matching Models via Online RL (arXiv 2505.05470)"
     Config = FlowGRPOConfig
-    trainable_roles = ("generator",)
+    trainable_roles = ROLES
     snapshot_roles = {"ema": "generator", "ref_policy": "generator"}
     reward_driven = True
 
@@ -226,7 +231,7 @@ class FlowGRPO(FewStepMethod):
                 metrics["ppo/clip_frac"] = m["clip_frac"]
                 if "kl" in m:
                     metrics["kl"] = m["kl"]
-            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
+            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.optim.grad_clip)
             # 4. parameter EMA
             self.ema_update(self.ema)
         metrics["generator/loss"] = metrics.get(f"generator/loss_chunk{len(trajs) - 1}")

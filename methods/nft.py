@@ -51,7 +51,7 @@ Deviations from the paper:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -62,15 +62,21 @@ from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import advantages_to_unit, regime_advantages
 from fewstep_rl.objectives.crd import velocity_kl
 from fewstep_rl.objectives.nft import nft_policy_loss
+from fewstep_rl.optim import OptimConfig, renamed_flat_keys
 from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Transition, forward_noise, sample
 from fewstep_rl.sampling.stratified import stratified_levels
 
+ROLES: tuple[str, ...] = ("generator",)
+
 
 @dataclass
 class DiffusionNFTConfig:
     """Hyper-parameters of DiffusionNFT (defaults: the paper's where scale-free; see configs/nft/*.yaml)."""
+
+    # old keys fail with the new name (config.build)
+    RENAMED: ClassVar[dict[str, str]] = renamed_flat_keys()
 
     beta: float = knob(1.0, "β of the target p_ref·exp(r/β): trains with regime tilt (KL coef); else evaluation only")
     regime: Literal["paper", "tilt"] = knob(
@@ -82,11 +88,10 @@ class DiffusionNFTConfig:
     num_steps: int = knob(4, "sampling steps of the rollout chain (paper: 10)")
     shift: float = knob(1.0, "static schedule shift γ of the σ-grid (SD3: 3.0)")
     transition: str = knob("euler", "rollout/eval chain: euler (ODE) or cps(1.0) (predict x0 and re-noise)")
-    lr: float = knob(3e-4, "learning rate (paper LoRA: 3e-4)")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run")
-    adam_betas: list[float] = knob([0.9, 0.999], "AdamW betas")
-    weight_decay: float = knob(1e-4, "AdamW weight decay")
-    grad_clip: float = knob(1.0, "gradient-norm clip (0 = off)")
+    optim: OptimConfig = knob(
+        help="AdamW of the generator (paper LoRA: lr 3e-4)",
+        factory=lambda: OptimConfig(lr=3e-4, adam_betas=[0.9, 0.999], weight_decay=1e-4, grad_clip=1.0),
+    )
     opt_steps_per_epoch: int = knob(2, "optimiser steps per epoch; micro-batches of whole prompt groups")
     train_timesteps: int = knob(4, "noise levels per sample per epoch (paper: ⌊0.99·10⌋ = 9)")
     t_min: float = knob(0.01, "lowest training noise level")
@@ -117,8 +122,7 @@ class DiffusionNFTConfig:
             raise ValueError(f"need 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.adv_clip <= 0 or self.kl_coef < 0 or self.norm_floor <= 0:
             raise ValueError("adv_clip and norm_floor must be > 0 and kl_coef >= 0")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES)
         if not (0.0 <= self.old_d0 <= 1.0 and 0.0 <= self.old_dmax <= 1.0) or self.old_kappa < 0 or self.old_n0 < 0:
             raise ValueError("old decay: need d0, d_max in [0, 1], kappa >= 0 and n0 >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
@@ -132,7 +136,7 @@ class DiffusionNFT(FewStepMethod):
     name = "nft"
     paper = "Zheng et al. 2025, DiffusionNFT: Online Diffusion Reinforcement with Forward Process (arXiv 2509.16117)"
     Config = DiffusionNFTConfig
-    trainable_roles = ("generator",)
+    trainable_roles = ROLES
     snapshot_roles = {"old": "generator", "ema": "generator"}
     reward_driven = True
 
@@ -208,7 +212,7 @@ class DiffusionNFT(FewStepMethod):
                 self.manual_backward(total / cfg.train_timesteps)
                 metrics["generator/loss"] = loss.detach()
                 metrics.update({f"nft/{key}": val for key, val in m.items()})
-            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
+            metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.optim.grad_clip)
             self.ema_update(self.ema)
         # 4. old snapshot blending
         d_old = schedule_decay(self.updates["generator"], cfg.old_d0, cfg.old_kappa, cfg.old_n0, cfg.old_dmax)

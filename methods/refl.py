@@ -42,7 +42,7 @@ regression above; DRaFT-LV's variance reduction is not implemented.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -50,13 +50,19 @@ from fewstep_rl.config import knob
 from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives.diffused_reward import differentiable_reward_fn
 from fewstep_rl.objectives.reward import reward_hinge
+from fewstep_rl.optim import OptimConfig, renamed_flat_keys
 from fewstep_rl.roles import EMA
 from fewstep_rl.sampling import Transition, random_stop, sample, x0_from_v
+
+ROLES: tuple[str, ...] = ("generator",)
 
 
 @dataclass
 class ReFLConfig:
     """Hyper-parameters of ReFL / DRaFT (presets in configs/refl/*.yaml)."""
+
+    # old keys fail with the new name (config.build)
+    RENAMED: ClassVar[dict[str, str]] = renamed_flat_keys()
 
     batch_size: int = knob(64, "prompts per batch per rank")
     num_steps: int = knob(1, "generator sampling steps K")
@@ -69,11 +75,10 @@ class ReFLConfig:
     margin: float = knob(1.0, "hinge margin m of ReLU(m − r)")
     kl_weight: float = knob(1.0, "weight of the velocity-KL regulariser ‖v_θ − v_ref‖² on the grad-step states")
     guidance: float | None = knob(None, "CFG scale of the reference in the regulariser (default: the world's)")
-    lr: float = knob(1e-3, "generator learning rate")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule over the run")
-    adam_betas: list[float] = knob([0.9, 0.999], "AdamW betas")
-    weight_decay: float = knob(0.0, "AdamW weight decay")
-    grad_clip: float = knob(10.0, "gradient-norm clip (0 = off)")
+    optim: OptimConfig = knob(
+        help="AdamW of the generator",
+        factory=lambda: OptimConfig(lr=1e-3, adam_betas=[0.9, 0.999], weight_decay=0.0, grad_clip=10.0),
+    )
     ema_decay: float = knob(0.99, "generator EMA decay per update")
     ema_warmup: bool = knob(False, "EMA decay min((1+n)/(10+n), ema_decay) over the first updates (methods.md §1.6)")
 
@@ -88,8 +93,7 @@ class ReFLConfig:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.objective not in ("linear", "hinge"):
             raise ValueError(f"objective must be 'linear' or 'hinge', got {self.objective!r}")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES)
         Transition.parse(self.transition)
 
 
@@ -99,7 +103,7 @@ class ReFL(FewStepMethod):
     name = "refl"
     paper = "Xu et al. 2023 ImageReward/ReFL (arXiv 2304.05977); Clark et al. 2024 DRaFT (arXiv 2309.17400)"
     Config = ReFLConfig
-    trainable_roles = ("generator",)
+    trainable_roles = ROLES
     snapshot_roles = {"ema": "generator"}
     reward_driven = True
 
@@ -149,6 +153,6 @@ class ReFL(FewStepMethod):
             "generator/reward": r.detach().mean(),
             "generator/kl": loss_kl.detach(),
         }
-        metrics["generator/grad_norm"] = self.update("generator", loss, cfg.grad_clip)
+        metrics["generator/grad_norm"] = self.update("generator", loss, cfg.optim.grad_clip)
         self.ema_update(self.ema)
         self.log_metrics(metrics)

@@ -98,8 +98,8 @@ Deviations from the paper / reference code:
       stage-1 chain tilted by ``exp(r(x0)/β)``; the last step's DM + BP branch has the same output law as its fixed
       point, so both branches agree on ``p·exp(r/β)`` when stage 1 reproduces the teacher. Returns are centred
       leave-one-out (a group mean that includes the sample would train toward the tilt at β·K/(K−1)). The toy2d
-      preset uses this branch (``ppo_weight`` 5, ``lr_stage2`` 3e-4). Measured on the 10 random worlds of ``fewstep-rl
-      validate --method rtdmd --worlds 10 --seed 0``: closure median 86 % (worst 63 %), energy 40× the noise floor
+      preset uses this branch (``ppo_weight`` 5, ``optim_stage2.lr`` 3e-4). Measured on 10 random worlds (``fewstep-rl
+      validate --method rtdmd --worlds 10 --seed 0``): closure median 86 % (worst 63 %), energy 40× the noise floor
       (worst 86×), mode move 76 % (worst 60 %) — against the standardised branch's 88 % (worst 187 %), 189× (455×),
       76 % (1.5 %). Every world under-moves its mode masses. Not the cause: stage 1 (alone at 0.9–2.9× the teacher's
       noise floor on those worlds), the DM + BP branch (off: 73 % vs 71 % of the mode move on 2d-linear-s0-3), batch
@@ -146,6 +146,7 @@ from fewstep_rl.objectives import (
 )
 from fewstep_rl.objectives.advantages import loo_advantages
 from fewstep_rl.objectives.kl_dmd import kl_dmd_loss
+from fewstep_rl.optim import OptimConfig, RoleOptim, renamed_flat_keys
 from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, copy_role
 from fewstep_rl.sampling import (
@@ -161,6 +162,8 @@ from fewstep_rl.sampling import (
 from fewstep_rl.sampling.subsets import step_subset
 from fewstep_rl.sampling.transitions import transition_mean_std
 
+ROLES: tuple[str, ...] = ("generator", "fake_score")
+
 
 @dataclass
 class RTDMDConfig:
@@ -171,6 +174,12 @@ class RTDMDConfig:
         "dmd_normalizer": "dmd_weighting",
         "dmd_weighting=kl": "'method.aux_dmd_weighting: kl' (the stage-2 DM term)",
         "dmd_weighting=normalized": "the default 'method.aux_dmd_weighting: null' (stage 2 uses method.dmd_weighting)",
+        **renamed_flat_keys(*ROLES),  # stage 1; the keys both stages shared are now in each stage's optim
+        "adam_betas": "optim.adam_betas,optim_stage2.adam_betas",
+        "grad_clip": "optim.grad_clip,optim_stage2.grad_clip",
+        "lr_stage2": "optim_stage2.lr",
+        "lr_fake_stage2": "optim_stage2.roles.fake_score.lr",
+        "weight_decay_stage2": "optim_stage2.weight_decay",
     }
 
     beta: float = knob(1.0, "tilt temperature β of the target p·exp(r/β) (sets bp_scale with aux_dmd_weighting: kl)")
@@ -183,10 +192,10 @@ class RTDMDConfig:
     init_from: str | None = knob(None, "checkpoint of an earlier run: generator ← its ema, fake_score, ema at start")
     # stage 1 (AC-DMD)
     stage1_iterations: int = knob(1000, "iterations of stage 1 (AC-DMD); 0 = stage 2 only")
-    lr: float = knob(3e-5, "stage-1 learning rate (generator and fake score)")
-    lr_fake_score: float | None = knob(None, "stage-1 fake-score learning rate (default: lr)")
-    adam_betas: list[float] = knob([0.9, 0.999], "AdamW betas (both stages)")
-    weight_decay: float = knob(0.0, "stage-1 AdamW weight decay (both roles)")
+    optim: OptimConfig = knob(
+        help="stage-1 AdamW of the roles generator, fake_score",
+        factory=lambda: OptimConfig(lr=3e-5, adam_betas=[0.9, 0.999], weight_decay=0.0, grad_clip=1.0),
+    )
     fake_updates_per_gen: int = knob(10, "stage 1 TTUR: fake-score updates per generator update")
     random_stop: bool = knob(True, "stage 1: random stop index k in 1..K (false: always the full chain)")
     stage1_one_per_group: bool = knob(
@@ -201,11 +210,15 @@ class RTDMDConfig:
         "sample", "DMD normaliser mean|x̂0 − x̂0_T| of stage 1 (and of stage 2 by default): per sample (paper) or batch"
     )
     ema_decay: float = knob(0.99, "stage-1 model-level EMA decay, every iteration")
-    grad_clip: float = knob(1.0, "gradient-norm clip of both roles, both stages (0 = off)")
     # stage 2 (RTDMD)
-    lr_stage2: float = knob(3e-6, "stage-2 generator learning rate")
-    lr_fake_stage2: float = knob(3e-5, "stage-2 fake-score learning rate")
-    weight_decay_stage2: float = knob(1e-4, "stage-2 generator AdamW weight decay (fake: 0)")
+    optim_stage2: OptimConfig = knob(
+        help="stage-2 AdamW of the roles generator, fake_score (fresh moments at the boundary; the fake score "
+        "without weight decay)",
+        factory=lambda: OptimConfig(
+            lr=3e-6, adam_betas=[0.9, 0.999], weight_decay=1e-4, grad_clip=1.0,
+            roles={"fake_score": RoleOptim(lr=3e-5, weight_decay=0.0)},
+        ),
+    )
     subgrpo_steps: int = knob(2, "SubGRPO: stochastic steps optimised per epoch (of the K−1 stochastic ones)")
     micro_batches: int = knob(1, "stage 2: rollout/training chunks per epoch (gradient accumulation)")
     stage2_epochs_per_batch: int = knob(
@@ -247,8 +260,8 @@ class RTDMDConfig:
             raise ValueError(f"eta must lie in [0, 1] (CPS θ = ηπ/2), got {self.eta}")
         if self.stage1_iterations < 0 or self.fake_updates_per_gen < 1:
             raise ValueError("stage1_iterations must be >= 0 and fake_updates_per_gen >= 1")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES, "optim")
+        self.optim_stage2.check_roles(ROLES, "optim_stage2")
         if len(self.renoise_clamp) != 2 or not 0.0 < self.renoise_clamp[0] < self.renoise_clamp[1] < 1.0:
             raise ValueError(f"renoise_clamp must be [low, high] with 0 < low < high < 1, got {self.renoise_clamp}")
         if self.consistency_max_delta < 1 or self.consistency_weight < 0:
@@ -298,7 +311,7 @@ class RTDMD(FewStepMethod):
     name = "rtdmd"
     paper = "RTDMD: Reward-Tilted Distribution Matching Distillation (methods.md §2)"
     Config = RTDMDConfig
-    trainable_roles = ("generator", "fake_score")
+    trainable_roles = ROLES
     snapshot_roles = {"ema": "generator"}
     reward_driven = True
 
@@ -335,21 +348,20 @@ class RTDMD(FewStepMethod):
     def stage(self) -> int:
         return 1 if self.iteration < self.cfg.stage1_iterations else 2
 
+    def optim_config(self) -> OptimConfig:
+        """The current stage's optimiser settings: ``optim`` (stage 1) or ``optim_stage2``."""
+        return self.cfg.optim if self.stage() == 1 else self.cfg.optim_stage2
+
     def _stage_hparams(self, role: str) -> None:
-        """Learning rate and weight decay of ``role`` for the current stage (read by ``update``)."""
-        cfg = self.cfg
-        if self.stage() == 1:
-            lr = cfg.lr if role == "generator" else (cfg.lr_fake_score or cfg.lr)
-            wd = cfg.weight_decay
-        else:
-            lr = cfg.lr_stage2 if role == "generator" else cfg.lr_fake_stage2
-            wd = cfg.weight_decay_stage2 if role == "generator" else 0.0
+        """Learning rate, betas and weight decay of ``role`` for the current stage (read by ``update``)."""
+        optim = self.optim_config()
         for group in self.opt(role).optimizer.param_groups:
-            group["initial_lr"], group["weight_decay"] = lr, wd
+            group["initial_lr"], group["weight_decay"] = optim.lr_of(role), optim.weight_decay_of(role)
+            group["betas"] = optim.betas_of(role)
 
     def _step(self, role: str, loss: Tensor) -> float | None:
         self._stage_hparams(role)
-        return self.update(role, loss, self.cfg.grad_clip)
+        return self.update(role, loss, self.optim_config().grad_clip)
 
     def _enter_stage2(self) -> None:
         """Stage boundary: generator ← its EMA, stage-1 adapters frozen under fresh ones, fresh optimiser moments."""
@@ -610,7 +622,7 @@ class RTDMD(FewStepMethod):
                                        self._epoch_tag(f"consistency/{c}", e))
             self.manual_backward(loss_f / cfg.micro_batches)
         metrics.update(m, **{"fake_score/loss": loss_f.detach()})
-        metrics["fake_score/grad_norm"] = self.step_role("fake_score", self.cfg.grad_clip)
+        metrics["fake_score/grad_norm"] = self.step_role("fake_score", self.optim_config().grad_clip)
         # 5. generator: PPO on the selected steps + (DM + BP hinge) on the last step, accumulated
         self._stage_hparams("generator")
         opt_g = self.opt("generator")
@@ -640,7 +652,7 @@ class RTDMD(FewStepMethod):
             self.manual_backward(loss_a / terms)
             metrics.update(am)
         metrics["ppo/log_ratio_max_abs"] = ratio_dev
-        metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
+        metrics["generator/grad_norm"] = self.step_role("generator", self.optim_config().grad_clip)
         # 6. parameter EMA
         self.ema2.update(self.backbone, (self.iteration - cfg.stage1_iterations) * cfg.stage2_epochs_per_batch + e)
         if self.keep_last_rollout:

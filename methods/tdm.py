@@ -53,10 +53,13 @@ from fewstep_rl.config import knob
 from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import ambient_renoise, direction_loss
 from fewstep_rl.objectives.tdm import direction_weight, tdm_fake_loss
+from fewstep_rl.optim import OptimConfig, renamed_flat_keys
 from fewstep_rl.roles import EMA
 from fewstep_rl.sampling import Transition, sample, x0_from_v
 from fewstep_rl.sampling.subsets import step_subset
 from fewstep_rl.sampling.tdm_times import level_above
+
+ROLES: tuple[str, ...] = ("generator", "fake_score")
 
 
 @dataclass
@@ -64,7 +67,7 @@ class TDMConfig:
     """Hyper-parameters of TDM (defaults: the demo's where scale-free; see configs/tdm/*.yaml)."""
 
     # old keys fail with the new name (config.build)
-    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting"}
+    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting", **renamed_flat_keys("generator")}
 
     beta: float | None = knob(None, "ignored by training (distillation-only; accepted so one shared β config runs every method)")
     batch_size: int = knob(16, "prompts per batch per rank")
@@ -74,15 +77,14 @@ class TDMConfig:
     train_steps: int = knob(1, "trajectory steps trained per iteration (rank-synchronised, without replacement)")
     shared_levels: bool = knob(True, "one τ per step for the whole batch (TDM-R1 code); false: one per sample")
     level_margin: float = knob(0.02, "pre-shift margin of τ above the step's lower boundary (code: 20/1000)")
-    lr: float = knob(1e-4, "learning rate of the fake score (and of the generator unless lr_generator)")
-    lr_generator: float | None = knob(None, "generator learning rate (demo: lr/5)")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule (both roles)")
-    adam_betas: list[float] = knob([0.0, 0.95], "AdamW betas (demo: (0, 0.95))")
-    weight_decay: float = knob(0.0, "AdamW weight decay")
+    optim: OptimConfig = knob(
+        help="AdamW of the roles generator, fake_score (demo: generator lr = fake lr/5 via roles.generator.lr, "
+        "betas (0, 0.95))",
+        factory=lambda: OptimConfig(lr=1e-4, adam_betas=[0.0, 0.95], weight_decay=0.0, grad_clip=1.0),
+    )
     fake_teacher_reg: float = knob(0.0, "weight of mean (T − f)² in the fake loss (TDM-R1: 0.02)")
     huber_c: float | None = knob(None, "pseudo-Huber c of the direction loss (demo option 1e-3; None: squared)")
     dmd_weighting: Literal["sample", "batch"] = knob("sample", "direction weight mean|x̂0 − x̂0^T|: per sample or batch")
-    grad_clip: float = knob(1.0, "gradient-norm clip of both roles (0 = off)")
     ema_decay: float = knob(0.99, "generator EMA decay per generator update")
     ema_warmup: bool = knob(True, "EMA decay min((1+n)/(10+n), ema_decay) (methods.md §1.6)")
 
@@ -93,8 +95,7 @@ class TDMConfig:
             raise ValueError(f"train_steps must be in 1..num_steps={self.num_steps}, got {self.train_steps}")
         if not self.shift > 0 or not 0 <= self.level_margin < 1:
             raise ValueError(f"need shift > 0 and 0 <= level_margin < 1, got {self.shift}, {self.level_margin}")
-        if len(self.adam_betas) != 2:
-            raise ValueError("adam_betas takes two numbers")
+        self.optim.check_roles(ROLES)
         if self.fake_teacher_reg < 0 or (self.huber_c is not None and self.huber_c <= 0):
             raise ValueError("fake_teacher_reg must be >= 0 and huber_c > 0 (or null)")
         if not 0 <= self.ema_decay <= 1:
@@ -107,7 +108,7 @@ class TDM(FewStepMethod):
     name = "tdm"
     paper = "Luo et al. 2025, Learning Few-Step Diffusion Models by Trajectory Distribution Matching (arXiv 2503.06674)"
     Config = TDMConfig
-    trainable_roles = ("generator", "fake_score")
+    trainable_roles = ROLES
     snapshot_roles = {"ema": "generator"}
 
     def __init__(self, cfg: TDMConfig, world: Any, rewards: Any = None, seed: int = 0, run_config: dict | None = None):
@@ -171,8 +172,8 @@ class TDM(FewStepMethod):
             self.manual_backward((losses["fake"] + losses["generator"]) / len(steps))
             metrics["fake_score/loss"] = losses["fake"].detach()
             metrics["generator/loss"] = losses["generator"].detach()
-        metrics["fake_score/grad_norm"] = self.step_role("fake_score", self.cfg.grad_clip)
-        metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.grad_clip)
+        metrics["fake_score/grad_norm"] = self.step_role("fake_score", self.cfg.optim.grad_clip)
+        metrics["generator/grad_norm"] = self.step_role("generator", self.cfg.optim.grad_clip)
         # 3. EMA
         self.ema_update(self.ema)
         self.log_metrics(metrics)

@@ -121,6 +121,7 @@ from fewstep_rl.method import FewStepMethod
 from fewstep_rl.objectives import ambient_renoise, ambient_velocity_target, direction_loss, regime_advantages
 from fewstep_rl.objectives.dgpo import dgpo_loss, per_sample_mse, tilt_regression_loss
 from fewstep_rl.objectives.tdm import direction_weight, tdm_fake_loss
+from fewstep_rl.optim import OptimConfig, RoleOptim, renamed_flat_keys
 from fewstep_rl.rewards import RolloutScores
 from fewstep_rl.roles import EMA, blend_role, schedule_decay
 from fewstep_rl.sampling import Trajectory, Transition, sample, x0_from_v
@@ -128,13 +129,19 @@ from fewstep_rl.sampling.noise import group_noise, stable_hash
 from fewstep_rl.sampling.subsets import step_subset
 from fewstep_rl.sampling.tdm_times import level_above, weighted_step
 
+ROLES: tuple[str, ...] = ("generator", "fake_score", "surrogate")
+
 
 @dataclass
 class TDMR1Config:
     """Hyper-parameters of TDM-R1 (defaults: the OCR recipe of methods.md §4.8; see configs/tdm_r1/*.yaml)."""
 
     # old keys fail with the new name (config.build)
-    RENAMED: ClassVar[dict[str, str]] = {"normalizer": "dmd_weighting"}
+    RENAMED: ClassVar[dict[str, str]] = {
+        "normalizer": "dmd_weighting",
+        **renamed_flat_keys(*ROLES),
+        "surrogate_adam_betas": "optim.roles.surrogate.adam_betas",
+    }
 
     beta: float = knob(1.0, "β of the target p_ref·exp(r/β): trains with regime tilt (surrogate KL); else evaluation only")
     regime: Literal["paper", "tilt"] = knob(
@@ -170,15 +177,14 @@ class TDMR1Config:
     time_weight: bool = knob(True, "scale the surrogate loss by (j' + 1)/K")
     adv_clip: float = knob(5.0, "advantage clip")
     # optimisation
-    lr: float = knob(3e-4, "learning rate of the fake score and the surrogate (and generator unless lr_generator)")
-    lr_generator: float | None = knob(7.5e-5, "generator learning rate (code: 3e-4/4)")
-    lr_fake_score: float | None = knob(None, "fake-score learning rate (default: lr)")
-    lr_surrogate: float | None = knob(None, "surrogate learning rate (default: lr)")
-    lr_schedule: Literal["constant", "cosine"] = knob("constant", "learning-rate schedule (all roles)")
-    adam_betas: list[float] = knob([0.0, 0.999], "AdamW betas of generator and fake score")
-    surrogate_adam_betas: list[float] = knob([0.9, 0.999], "AdamW betas of the surrogate")
-    weight_decay: float = knob(1e-4, "AdamW weight decay (all roles)")
-    grad_clip: float = knob(1.0, "gradient-norm clip of every role (0 = off)")
+    optim: OptimConfig = knob(
+        help="AdamW of the roles generator, fake_score, surrogate (code: generator lr 3e-4/4; the surrogate's betas "
+        "(0.9, 0.999))",
+        factory=lambda: OptimConfig(
+            lr=3e-4, adam_betas=[0.0, 0.999], weight_decay=1e-4, grad_clip=1.0,
+            roles={"generator": RoleOptim(lr=7.5e-5), "surrogate": RoleOptim(adam_betas=[0.9, 0.999])},
+        ),
+    )
     ema_decay: float = knob(0.9, "generator EMA decay (with warm-up), every generator update")
     old_decay_start: float = knob(0.001, "old-surrogate decay d_n = min(d_max, start + slope·n)")
     old_decay_slope: float = knob(0.001, "slope of the old-surrogate decay per surrogate update")
@@ -209,8 +215,7 @@ class TDMR1Config:
             raise ValueError("dpo_beta, clip_eps and adv_clip must be > 0")
         if self.drift_weight < 0 or self.drift_threshold < 0 or self.fake_teacher_reg < 0:
             raise ValueError("drift_weight, drift_threshold and fake_teacher_reg must be >= 0")
-        if len(self.adam_betas) != 2 or len(self.surrogate_adam_betas) != 2:
-            raise ValueError("adam_betas and surrogate_adam_betas take two numbers each")
+        self.optim.check_roles(ROLES)
         if not 0 <= self.ema_decay <= 1 or not 0 <= self.old_decay_start <= self.old_decay_max <= 1:
             raise ValueError("need ema_decay in [0, 1] and 0 <= old_decay_start <= old_decay_max <= 1")
         if self.old_decay_slope < 0:
@@ -225,7 +230,7 @@ class TDMR1(FewStepMethod):
     name = "tdm_r1"
     paper = "Luo et al. 2026, TDM-R1: Reinforcing Few-Step Diffusion Models with Non-Differentiable Reward (arXiv 2603.07700)"
     Config = TDMR1Config
-    trainable_roles = ("generator", "fake_score", "surrogate")
+    trainable_roles = ROLES
     snapshot_roles = {"ema": "generator", "old_surrogate": "surrogate"}
     reward_driven = True
 
@@ -247,12 +252,6 @@ class TDMR1(FewStepMethod):
             if self.cfg.init_fake:
                 roles["fake_score"] = "fake_score"
             load_roles(self.backbone, self.cfg.init_from, roles)
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        opts = super().configure_optimizers()
-        for group in opts[self.trainable_roles.index("surrogate")].param_groups:
-            group["betas"] = tuple(self.cfg.surrogate_adam_betas)
-        return opts
 
     def sampling_transition(self) -> Transition:
         return Transition("euler")
@@ -486,7 +485,7 @@ class TDMR1(FewStepMethod):
                 metrics.update(mg)
         # 4. one step per role in the order fake → surrogate → generator; snapshots
         for role in ("fake_score", "surrogate", "generator"):
-            metrics[f"{role}/grad_norm"] = self.step_role(role, self.cfg.grad_clip)
+            metrics[f"{role}/grad_norm"] = self.step_role(role, self.cfg.optim.grad_clip)
         n_sur = self.updates["surrogate"] - 1
         blend_role(
             self.backbone,

@@ -31,6 +31,26 @@ def test_renamed_key_names_its_new_name():
     p = run("fit", "--method", "rtdmd", "--world", "toy2d", "--method.ttur", "2")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "'method.ttur' was renamed 'method.fake_updates_per_gen'" in p.stderr
+    p = run("fit", "--method", "tdm_r1", "--world", "toy2d", "--method.lr_fake_score", "1e-3")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
+    assert "'method.lr_fake_score' was renamed 'method.optim.roles.fake_score.lr'" in p.stderr
+
+
+def test_optim_overrides_and_type_checked_literal_are_one_line():
+    """Nested dotted overrides reach method.optim; a Literal knob's bad value (didr's dmd_weighting, checked by
+    config.build alone) and a role the method lacks are one line, exit 2."""
+    p = run("fit", "--method", "tdm_r1", "--world", "toy2d", "--method.optim.lr", "1e-3",
+            "--method.optim.roles.fake_score.lr", "2e-4", "--print_config")
+    assert p.returncode == 0, p.stderr
+    optim = yaml.safe_load(p.stdout)["method"]["optim"]
+    assert optim["lr"] == 1e-3 and optim["roles"]["fake_score"]["lr"] == 2e-4
+    assert optim["roles"]["surrogate"]["adam_betas"] == [0.9, 0.999] and optim["grad_clip"] == 10.0  # the rest kept
+    for args, needle in [
+        (["--method", "didr", "--method.dmd_weighting", "none"], "'method.dmd_weighting': 'none' is not allowed"),
+        (["--method", "dmd2", "--method.optim.roles.surrogate.lr", "1e-3"], "roles: generator, fake_score"),
+    ]:
+        p = run("fit", *args, "--world", "toy2d", "--print_config")
+        assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and needle in p.stderr, p.stderr
 
 
 def test_no_such_key():
@@ -67,6 +87,9 @@ def test_method_help_lists_typed_arguments():
     p = run("fit", "--method", "dmd2", "--world", "toy2d", "--help")
     assert p.returncode == 0
     assert "--method.fake_updates_per_gen int" in p.stdout and "--world.means" in p.stdout
+    assert "--method.optim.lr float  (default: 0.001)" in p.stdout  # nested knobs, with the method's defaults
+    assert "--method.optim.adam_betas list[float]  (default: [0.0, 0.99])" in p.stdout
+    assert "--method.optim.roles.<role>.lr float | None" in p.stdout
     assert "--trainer.max_steps" in p.stdout
 
 
@@ -79,10 +102,10 @@ def test_list():
 
 
 def test_print_config_round_trips(tmp_path):
-    p = run("fit", "--method", "dmd2", "--world", "toy2d", "--method.lr", "0.002", "--print_config")
+    p = run("fit", "--method", "dmd2", "--world", "toy2d", "--method.optim.lr", "0.002", "--print_config")
     assert p.returncode == 0, p.stderr
     cfg = yaml.safe_load(p.stdout)
-    assert cfg["method"]["name"] == "dmd2" and cfg["method"]["lr"] == 0.002 and cfg["world"]["name"] == "toy2d"
+    assert cfg["method"]["name"] == "dmd2" and cfg["method"]["optim"]["lr"] == 0.002 and cfg["world"]["name"] == "toy2d"
     assert cfg["rewards"][0]["name"] == "linear"
     f = tmp_path / "c.yaml"
     f.write_text(p.stdout)

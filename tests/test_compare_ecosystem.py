@@ -59,7 +59,7 @@ def test_plugin_package_ships_presets(tmp_path, monkeypatch, capsys):
             name = "plugdmd"
     '''))
     (pkg / "presets" / "__init__.py").write_text("")
-    (pkg / "presets" / "toy2d.yaml").write_text("method: {lr: 0.0042, num_steps: 3}\ntrainer: {max_steps: 77}\n")
+    (pkg / "presets" / "toy2d.yaml").write_text("method: {optim: {lr: 0.0042}, num_steps: 3}\ntrainer: {max_steps: 77}\n")
     dist = site / "myplug-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplug\nVersion: 0.1\n")
@@ -70,7 +70,7 @@ def test_plugin_package_ships_presets(tmp_path, monkeypatch, capsys):
     try:
         assert main(["fit", "--method", "plugdmd", "--world", "toy2d", "--print_config"]) == 0
         cfg = yaml.safe_load(capsys.readouterr().out)
-        assert cfg["method"]["lr"] == 0.0042 and cfg["method"]["num_steps"] == 3 and cfg["trainer"]["max_steps"] == 77
+        assert cfg["method"]["optim"]["lr"] == 0.0042 and cfg["method"]["num_steps"] == 3 and cfg["trainer"]["max_steps"] == 77
         assert main(["fit", "--method", "plugdmd", "--world", "toy2d", "--help"]) == 0
         assert "presets/toy2d.yaml" in capsys.readouterr().out
         # no preset for that world: dataclass defaults, said so in --help

@@ -65,7 +65,7 @@ def _fit(tmp_path, name, judge):
     run_dir = tmp_path / name
     p = subprocess.run(
         [*CLI, "fit", "--method", "refl", "--world", "toy2d", "--rewards", "[{name: linear, w: [1.0, 0.0]}]", "--judges", judge,
-         "--method.beta", "0.01", "--method.lr", "0.01", "--method.batch_size", "64", "--method.ema_decay", "0.0",
+         "--method.beta", "0.01", "--method.optim.lr", "0.01", "--method.batch_size", "64", "--method.ema_decay", "0.0",
          "--monitor.alarm", "1.0", "--monitor.samples", "128", "--trainer.max_steps", "20",
          "--trainer.eval_every", "10", "--trainer.eval_samples", "64", "--trainer.progress_bar", "false",
          "--trainer.run_dir", str(run_dir)],

@@ -184,7 +184,7 @@ FAST = {
     "method.batch_size": 8,
     "method.group_size": 8,
     "method.num_steps": 8,
-    "method.lr": 3e-3,
+    "method.optim.lr": 3e-3,
     "world.hidden": 32,
     "trainer.eval_samples": 64,
     "trainer.progress_bar": False,
@@ -198,7 +198,7 @@ CALIBRATED = {  # the toy2d preset's estimator: exact log-ratio, raw reward, unb
     "method.train_timesteps": 8,
     "method.t_min": 0.02,
     "method.kl_coef": 0.0,
-    "method.grad_clip": 0.0,
+    "method.optim.grad_clip": 0.0,
     "method.opt_steps_per_epoch": 1,
 }
 
@@ -282,7 +282,7 @@ def test_forward_batch_pieces_give_the_same_update(tmp_path, average):
         "method.average_timesteps": average,
         "method.fm_coef": 0.5,
         "method.opt_steps_per_epoch": 2,
-        "method.grad_clip": 1e6,
+        "method.optim.grad_clip": 1e6,
     }
     _, _, la = run_fit(CRD, tmp_path / "a", steps=1, overrides=over)
     _, _, lb = run_fit(CRD, tmp_path / "b", steps=1, overrides={**over, "method.forward_batch": 12})

@@ -24,7 +24,7 @@ def test_demo_config_trains_a_4_step_shapes_generator_on_the_proxy_not_the_judge
     assert (r.method_name, r.world_name) == ("di_star", "shapes")
     assert [name for name, *_ in r.rewards] == ["proxy"]  # gold is the judge only
     assert r.rewards[0][2].variant == "calibrated"
-    assert r.method.num_steps == 4 and r.method.beta == 0.001 and r.method.lr == 1e-3
+    assert r.method.num_steps == 4 and r.method.beta == 0.001 and r.method.optim.lr == 1e-3
     assert r.trainer.max_steps == 600
 
 

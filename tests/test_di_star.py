@@ -11,7 +11,7 @@ LINEAR = [{"name": "linear", "w": [1.0, 0.0]}]
 TOY = {
     "method.num_steps": 4,
     "method.dmd_weighting": "batch",
-    "method.adam_betas": [0.9, 0.999],
+    "method.optim.adam_betas": [0.9, 0.999],
     "method.beta": 0.5,
     "rewards": LINEAR,
 }

@@ -192,7 +192,7 @@ def test_exact_drs_moves_the_generator_toward_the_tilted_target(tmp_path):
     over = preset_overrides() | {
         "method.batch_size": 128,
         "world.hidden": 64,
-        "method.lr_schedule": "constant",
+        "method.optim.lr_schedule": "constant",
         "method.drs": "exact",
         "method.fake_updates_per_gen": 2,
         "trainer.eval_samples": 64,

@@ -24,7 +24,7 @@ def test_dmd2_moves_generator_toward_teacher(tmp_path):
     start.configure_model()
     e0, _ = _energy(start)
     over = {"method.batch_size": 256, "world.hidden": 128, "method.fake_updates_per_gen": 2,
-            "method.lr_schedule": "constant"}
+            "method.optim.lr_schedule": "constant"}
     module, _, logged = run_fit("dmd2", tmp_path, steps=600, overrides=over)
     e1, floor = _energy(module)
     assert logged["_all_finite"] == 1.0

@@ -310,24 +310,24 @@ def test_strict_resume(ref, tmp_path):
     last = ref / "checkpoints" / "last.ckpt"
     d = tmp_path / "res"
     base = [*FIT, "--trainer.max_steps", "34", "--trainer.run_dir", str(d), "--ckpt_path", str(last)]
-    p = run_cli([*base, "--method.lr", "0.05"], tmp_path / "lr.log")
-    msg = one_line_error(p, "resume changes the config", "resume with a changed --method.lr")
-    assert "method.lr: 0.001 -> 0.05" in msg and "--allow_changes method.lr" in msg
+    p = run_cli([*base, "--method.optim.lr", "0.05"], tmp_path / "lr.log")
+    msg = one_line_error(p, "resume changes the config", "resume with a changed --method.optim.lr")
+    assert "method.optim.lr: 0.001 -> 0.05" in msg and "--allow_changes method.optim.lr" in msg
     p = run_cli([*base, "--trainer.seed", "7"], tmp_path / "seed.log")
     one_line_error(p, "trainer.seed: 0 -> 7", "resume with a changed --trainer.seed")
     p = run_cli([*FIT, "--trainer.max_steps", "20", "--trainer.run_dir", str(d), "--ckpt_path", str(last)],
                 tmp_path / "ms.log")
     one_line_error(p, "is below the 30 iterations", "resume with max_steps below the checkpoint")
     assert not d.exists()
-    p = run_cli([*base, "--method.lr", "0.05", "--allow_changes", "method.lr"], tmp_path / "ok.log")
+    p = run_cli([*base, "--method.optim.lr", "0.05", "--allow_changes", "method.optim.lr"], tmp_path / "ok.log")
     assert p.rc == 0, p.text()[-3000:]
     from fewstep_rl.ckpt_io import load_checkpoint
 
     ck = load_checkpoint(d / "checkpoints" / "last.ckpt")
-    assert ck["fewstep"]["config"]["method"]["lr"] == 0.05
+    assert ck["fewstep"]["config"]["method"]["optim"]["lr"] == 0.05
     assert all(g["initial_lr"] == 0.05 for o in ck["optimizer_states"] for g in o["param_groups"])
     rec = json.loads((d / "resume.jsonl").read_text().splitlines()[-1])
-    assert rec["changes"] == {"method.lr": {"from": 0.001, "to": 0.05}} and rec["iteration"] == STEPS
+    assert rec["changes"] == {"method.optim.lr": {"from": 0.001, "to": 0.05}} and rec["iteration"] == STEPS
     assert "lr: 0.05" in (d / "config.yaml").read_text()
 
 
@@ -344,8 +344,8 @@ def test_cli_value_errors_are_one_line(ref, tmp_path):
         ("--trainer.eval_samples 0", [*FIT, "--trainer.eval_samples", "0"], "eval_samples must be >= 1"),
         ("unknown toy2d prompt", ["sample", "--ckpt", last, "--prompt", "purple", "--out", str(tmp_path / "x.npy")],
          "unknown prompt 'purple'"),
-        ("negative lr", [*FIT, "--method.lr", "-0.1"], "learning rate must be a finite number > 0"),
-        ("NaN lr", [*FIT, "--method.lr", ".nan"], "NaN is not a valid value"),
+        ("negative lr", [*FIT, "--method.optim.lr", "-0.1"], "learning rate must be a finite number > 0"),
+        ("NaN lr", [*FIT, "--method.optim.lr", ".nan"], "NaN is not a valid value"),
         ("shapes prompt outside the grammar", ["sample", "--teacher", "--world", "shapes", "--prompt",
                                                "a purple hexagon", "--out", str(tmp_path / "s")],
          "prompt outside the world's vocabulary"),
@@ -353,7 +353,7 @@ def test_cli_value_errors_are_one_line(ref, tmp_path):
                                         str(tmp_path / "x.npy")], "holds no prompts"),
         ("sd3 --world.path /nonexistent", ["fit", "--method", "dmd2", "--world", "sd3", "--world.path",
                                            "/nonexistent", "--trainer.run_dir", str(tmp_path / "sd3")], "world.path"),
-        ("--allow_changes without --ckpt_path", [*FIT, "--allow_changes", "method.lr"], "only applies when resuming"),
+        ("--allow_changes without --ckpt_path", [*FIT, "--allow_changes", "method.optim.lr"], "only applies when resuming"),
     ]
     for name, argv, expect in cases:
         p = run_cli(argv, tmp_path / "v.log")

@@ -8,7 +8,7 @@ from fewstep_rl.testing.contract import role_state, run_fit, run_interrupted_and
 
 M = "fewstep_rl.methods.flow_grpo:FlowGRPO"
 # the paper regime with two optimiser steps per epoch (the toy2d preset runs regime tilt with one)
-SMALL = {"method.batch_size": 4, "method.group_size": 4, "method.lr": 1e-3, "method.regime": "paper",
+SMALL = {"method.batch_size": 4, "method.group_size": 4, "method.optim.lr": 1e-3, "method.regime": "paper",
          "method.opt_steps_per_epoch": 2}
 
 
@@ -99,7 +99,7 @@ def test_init_from_loads_generator_reference_and_ema(tmp_path):
 def test_flow_grpo_raises_the_reward_on_toy2d(tmp_path):
     from fewstep_rl.eval.callbacks import evaluate_method
 
-    over = {"method.batch_size": 8, "method.group_size": 16, "method.lr": 1e-3, "method.ema_every": 1}
+    over = {"method.batch_size": 8, "method.group_size": 16, "method.optim.lr": 1e-3, "method.ema_every": 1}
     start = evaluate_method(_build(over), 2000, seed=11)[0]
     module, _, _ = run_fit(M, tmp_path, steps=80, overrides=over)
     end = evaluate_method(module, 2000, seed=11)[0]

@@ -137,7 +137,7 @@ def test_rtdmd_presets_carry_the_dynamic_shift_and_a_missing_preset_is_a_note(di
     over = {"world.prompts": str(p)}
     r = resolve("rtdmd", "flux2", overrides={**over, "world.path": str(dirs["flux2"])})
     assert math.isclose(r.method.shift, math.exp(flux2_mu(1024, 4)), rel_tol=1e-8) and r.method.guidance == 4.0
-    assert r.world.resolution == 512 and r.method.lr == 1e-6
+    assert r.world.resolution == 512 and r.method.optim.lr == 1e-6
     r = resolve("rtdmd", "flux", overrides={**over, "world.path": str(dirs["flux"])})
     assert math.isclose(r.method.shift, math.exp(flux_mu(1024)), rel_tol=1e-8) and r.world.guidance == 3.5
     assert "no preset" not in capsys.readouterr().err

@@ -198,4 +198,4 @@ def test_every_method_has_a_glyphs_preset_within_the_30_minute_budget(method):
         assert [x[0] for x in r.rewards] == ["ocr_ctc"]
     assert r.trainer.max_minutes == 30
     if method == "flow_grpo":
-        assert r.method.shared_init_noise and r.method.lr == 1e-3
+        assert r.method.shared_init_noise and r.method.optim.lr == 1e-3

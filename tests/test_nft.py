@@ -77,7 +77,7 @@ def test_toy2d_reward_rises(tmp_path):
         "method.batch_size": 8,
         "method.group_size": 8,
         "method.num_steps": 8,
-        "method.lr": 3e-3,
+        "method.optim.lr": 3e-3,
         "method.opt_steps_per_epoch": 1,
         "world.hidden": 32,
         "trainer.eval_samples": 64,

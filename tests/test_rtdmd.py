@@ -17,7 +17,7 @@ M = "fewstep_rl.methods.rtdmd:RTDMD"
 # stage-2 settings small enough for seconds-long tests (explicit-β weighting as in the toy2d preset)
 S2 = {"method.group_size": 4, "method.batch_size": 4, "method.micro_batches": 2, "method.aux_dmd_weighting": "kl",
       "method.dm_weight": 1.0, "method.beta": 0.25, "method.bp_margin": 100.0, "method.aux_t_max": 0.15,
-      "method.fake_t_max": 0.15, "method.lr_stage2": 1e-3, "method.lr_fake_stage2": 1e-3}
+      "method.fake_t_max": 0.15, "method.optim_stage2.lr": 1e-3, "method.optim_stage2.roles.fake_score.lr": 1e-3}
 
 
 def _build(over):

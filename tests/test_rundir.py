@@ -144,9 +144,9 @@ def test_trim_before_a_final_evaluation_drops_its_row(tmp_path):
 def test_config_diff_and_flatten():
     assert flatten({"a": {"b": 1}, "r": [{"name": "x", "w": [1.0, 0.0]}]}) == {"a.b": 1, "r.0.name": "x",
                                                                               "r.0.w": [1.0, 0.0]}
-    old = {"method": {"lr": 0.001}, "trainer": {"max_steps": 10, "seed": 0, "run_dir": "a"}}
-    new = {"method": {"lr": 0.05}, "trainer": {"max_steps": 99, "seed": 1, "run_dir": "b"}}
-    assert diff_configs(old, new) == {"method.lr": (0.001, 0.05), "trainer.seed": (0, 1)}
+    old = {"method": {"optim": {"lr": 0.001}}, "trainer": {"max_steps": 10, "seed": 0, "run_dir": "a"}}
+    new = {"method": {"optim": {"lr": 0.05}}, "trainer": {"max_steps": 99, "seed": 1, "run_dir": "b"}}
+    assert diff_configs(old, new) == {"method.optim.lr": (0.001, 0.05), "trainer.seed": (0, 1)}
 
 
 def test_config_rejects_nan_and_bad_learning_rates():

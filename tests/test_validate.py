@@ -157,7 +157,7 @@ def test_rtdmd_ppo_kl_runs_and_measures_the_distance_to_its_reference(tmp_path):
     from fewstep_rl.testing.contract import run_fit
 
     over = {"method.ppo_advantage": "beta", "method.ppo_kl": 1.0, "method.stage1_iterations": 2,
-            "method.batch_size": 4, "method.group_size": 4, "method.lr_stage2": 1e-2, "method.subgrpo_steps": 2}
+            "method.batch_size": 4, "method.group_size": 4, "method.optim_stage2.lr": 1e-2, "method.subgrpo_steps": 2}
     module, _, logged = run_fit("rtdmd", tmp_path, steps=5, overrides=over)
     assert logged["_all_finite"]
     assert logged["train/ppo/kl_ref"] > 0  # the generator has left the frozen stage-1 reference
@@ -176,7 +176,7 @@ def test_didr_chain_grad_all_trains_through_every_step(tmp_path):
     weight sharing, so the two runs differ there."""
     from fewstep_rl.testing.contract import run_fit
 
-    over = {"method.num_steps": 4, "method.fake_updates_per_gen": 1, "method.drs": "exact", "method.lr": 1e-2,
+    over = {"method.num_steps": 4, "method.fake_updates_per_gen": 1, "method.drs": "exact", "method.optim.lr": 1e-2,
             "method.batch_size": 16}
     a, _, la = run_fit("didr", tmp_path / "a", steps=2, overrides={**over, "method.chain_grad": "all"})
     b, _, lb = run_fit("didr", tmp_path / "b", steps=2, overrides={**over, "method.chain_grad": "last"})

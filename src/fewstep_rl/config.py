@@ -8,6 +8,7 @@ help text lives in ``field(metadata={"help": ...})`` (use :func:`knob`). :func:`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -23,14 +24,20 @@ class ConfigError(ValueError):
     """A configuration problem found before any model is built (the CLI exits with code 2)."""
 
 
-def knob(default: Any = _MISSING, help: str = "", *, factory: Any = None) -> Any:  # noqa: A002
-    """A dataclass field with help text (shown by ``fewstep-rl fit --method NAME --help``)."""
+def knob(default: Any = _MISSING, help: str = "", *, factory: Any = None, merge: bool = True) -> Any:  # noqa: A002
+    """A dataclass field with help text (shown by ``fewstep-rl fit --method NAME --help``).
+
+    ``merge`` (a field holding a nested config dataclass): a mapping given for it is merged over the field's default
+    (:func:`build`); ``False``: it replaces the default whole (built over the nested class's own defaults), for a
+    config whose keys exclude each other (e.g. a budget of exactly one of iterations / seconds / samples).
+    """
+    meta = {"help": help} if merge else {"help": help, "merge": False}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=meta)
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: typing.cast(Any, type(value))(value), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: typing.cast(Any, type(value))(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def closest(name: str, options: list[str] | tuple[str, ...]) -> str | None:
@@ -140,7 +147,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def check_value(key: str, value: Any, where: str) -> None:
-    """Value checks every config shares: no NaN anywhere; a learning rate (``lr``, ``lr_<role>``) is finite and > 0."""
+    """Value checks every config shares: no NaN anywhere; a learning rate (a key ``lr`` or ``lr_*``, at any depth, e.g.
+    ``method.optim.lr`` and ``method.optim.roles.<role>.lr``) is finite and > 0."""
     if isinstance(value, float) and math.isnan(value):
         raise ConfigError(f"'{where}': NaN is not a valid value; give a number")
     if isinstance(value, (list, tuple)) and any(isinstance(v, float) and math.isnan(v) for v in value):
@@ -153,19 +161,63 @@ def check_value(key: str, value: Any, where: str) -> None:
 def renamed_message(renamed: Mapping[str, str], where: str, key: str, value: Any, known: bool) -> str | None:
     """The message for a retired key (or key value) that a config class's ``RENAMED`` lists, else None.
 
-    ``RENAMED`` maps an old key ``"old"`` to its new key ``"new"`` (same meaning), or an old ``"key=value"`` to a
-    phrase naming the setting that now says it. Old configs then fail with the fix, not a bare unknown key.
+    ``RENAMED`` maps an old key ``"old"`` to its new (dotted) key ``"new"`` (same meaning), or to ``"new1,new2"``
+    when one old key became several (the same value in each), or an old ``"key=value"`` to a phrase naming the setting
+    that now says it. Old configs then fail with the fix, not a bare unknown key.
     ``known``: ``key`` is still a field of the class (then only its retired values are reported).
     """
     if isinstance(value, str) and f"{key}={value}" in renamed:
         return f"'{where}.{key}: {value}' is now {renamed[f'{key}={value}']}; change it in your config"
     if key in renamed and not known:
-        return f"'{where}.{key}' was renamed '{where}.{renamed[key]}' (same values); rename it in your config"
+        new = [f"'{where}.{n.strip()}'" for n in renamed[key].split(",")]
+        if len(new) > 1:
+            return (f"'{where}.{key}' was split into {', '.join(new[:-1])} and {new[-1]} (same values); set each in "
+                    "your config")
+        return f"'{where}.{key}' was renamed {new[0]} (same values); rename it in your config"
     return None
 
 
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
+    """Merge mappings recursively (lists and scalars are replaced)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def dataclass_type(tp: Any) -> type | None:
+    """The dataclass an annotation ``tp`` holds (``C`` or ``C | None``), else None."""
+    if get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return dataclass_type(inner[0]) if len(inner) == 1 else None
+    return typing.cast(type, tp) if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of dataclass field ``f`` (a fresh one from its factory), or ``MISSING``."""
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
+    return _MISSING
+
+
+def init_dict(obj: Any) -> dict[str, Any]:
+    """``to_dict`` of a config dataclass instance, keeping only the fields its constructor takes."""
+    return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+
+
 def build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`.
+
+    A field that is itself a config dataclass and has a default (or default factory) is built from ``data``'s mapping
+    deep-merged over that default (:func:`deep_merge`), so a partial ``optim: {lr: ...}`` keeps the rest of the
+    method's own ``optim`` default instead of falling back to the nested class's defaults (unless the field says
+    ``knob(..., merge=False)``).
+    """
     data = dict(data or {})
     types_ = field_types(cls)
     renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
@@ -175,6 +227,13 @@ def build(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
             raise ConfigError(moved)
         if key not in types_:
             raise ConfigError(unknown_key_message(where, key, list(types_)))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in list(data.items()):  # a nested config merges over the field's own default (e.g. a method's optim)
+        nested = dataclass_type(types_[key]) is not None and fields[key].metadata.get("merge", True)
+        if nested and isinstance(value, Mapping):
+            default = field_default(fields[key])
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                data[key] = deep_merge(init_dict(default), value)
     kwargs = {k: coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
     for k, v in kwargs.items():
         check_value(k, v, f"{where}.{k}")
@@ -202,22 +261,38 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def help_lines(cls: type, prefix: str) -> list[str]:
-    """``--prefix.key TYPE (default: …) help`` lines for every field of ``cls``."""
+def _default_repr(value: Any) -> str:
+    if isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+        value = {k: {f: x for f, x in to_dict(v).items() if x is not None} for k, v in value.items()}  # set fields only
+    return repr(to_dict(value)) if dataclasses.is_dataclass(value) or isinstance(value, dict) else repr(value)
+
+
+def help_lines(cls: type, prefix: str, defaults: Any = None) -> list[str]:
+    """``--prefix.key TYPE (default: …) help`` lines for every field of ``cls``.
+
+    A field that is a config dataclass lists its own fields (``--prefix.key.sub``) with the field's default values
+    (``defaults``: the instance whose values are shown); a ``dict[str, <config dataclass>]`` field (such as
+    ``optim.roles``) also lists the fields of one entry as ``--prefix.key.<name>.sub``.
+    """
     lines = []
     types_ = field_types(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        if f.default is not _MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not _MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "required"
-        lines.append(f"  --{prefix}.{f.name} {type_name(types_[f.name])}  (default: {default})")
-        if f.metadata.get("help"):
-            lines.append(f"      {f.metadata['help']}")
+        default = getattr(defaults, f.name) if defaults is not None else field_default(f)
+        help_ = f.metadata.get("help")
+        sub = dataclass_type(types_[f.name])
+        if sub is not None and dataclasses.is_dataclass(default):
+            lines.append(f"  --{prefix}.{f.name}.*  {help_}" if help_ else f"  --{prefix}.{f.name}.*")
+            lines += help_lines(sub, f"{prefix}.{f.name}", default)
+            continue
+        shown = "required" if default is _MISSING else _default_repr(default)
+        lines.append(f"  --{prefix}.{f.name} {type_name(types_[f.name])}  (default: {shown})")
+        if help_:
+            lines.append(f"      {help_}")
+        args = get_args(types_[f.name]) if get_origin(types_[f.name]) is dict else ()
+        if len(args) == 2 and (entry := dataclass_type(args[1])) is not None:
+            lines += help_lines(entry, f"{prefix}.{f.name}.<{f.name[:-1] if f.name.endswith('s') else 'key'}>")
     return lines
 
 

@@ -13,7 +13,7 @@
   stderr) and, after ``trainer.nonfinite_limit`` iterations in a row with a dropped step, raises
   :class:`RunAborted` naming the last good checkpoint (no ``last.ckpt`` is written while steps are being dropped);
 * on resume, re-applies the config's optimiser hyper-parameters (lr, betas, weight decay, eps) over the ones
-  restored from the checkpoint, so an ``--allow_changes method.lr`` takes effect for real.
+  restored from the checkpoint, so an ``--allow_changes method.optim.lr`` takes effect for real.
 
 Under DDP the stop/save decisions are all-reduced every iteration so every rank saves and stops together (rank 0
 writes); the gradient check is all-reduced per optimiser step. Under ``16-mixed`` precision the gradient scaler

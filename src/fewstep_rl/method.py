@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fewstep_rl.eval.generate import generate
+from fewstep_rl.optim import OptimConfig
 from fewstep_rl.roles import EMA, add_roles
 from fewstep_rl.sampling import Transition, sigma_grid
 from fewstep_rl.sampling.noise import stable_hash
@@ -35,7 +36,8 @@ class FewStepMethod(L.LightningModule):
 
     Subclasses set the class attributes, define a ``Config`` dataclass and implement ``training_step`` as a
     numbered recipe. Config fields every method is expected to have: ``batch_size`` (prompts per batch per
-    rank), ``lr`` (default learning rate of every trainable role), ``num_steps`` (generator steps).
+    rank), ``optim`` (a :class:`fewstep_rl.optim.OptimConfig`: learning rate, schedule, AdamW betas and weight decay,
+    gradient clip, per-role overrides), ``num_steps`` (generator steps).
 
     Attributes:
         name: registry name.
@@ -110,19 +112,23 @@ class FewStepMethod(L.LightningModule):
         return int(self.cfg.batch_size), int(getattr(self.cfg, "group_size", 1))
 
     # ------------------------------------------------------------------ optimisation
-    def role_lr(self, role: str) -> float:
-        """Learning rate of ``role``: ``cfg.lr_<role>`` when the config has it, else ``cfg.lr``."""
-        return float(getattr(self.cfg, f"lr_{role}", None) or self.cfg.lr)
+    def optim_config(self) -> OptimConfig:
+        """The optimiser settings in force: ``cfg.optim`` (a method with stages may return the current stage's)."""
+        optim = getattr(self.cfg, "optim", None)
+        if not isinstance(optim, OptimConfig):
+            raise TypeError(f"method {self.name!r}: its Config needs a field 'optim: OptimConfig' (fewstep_rl.optim), "
+                            f"got {type(optim).__name__}")
+        return optim
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        optim = self.optim_config()
         opts = []
         for role in self.trainable_roles:
             params = self.backbone.role_parameters(role)
-            betas = tuple(getattr(self.cfg, "adam_betas", (0.9, 0.999)))
-            wd = float(getattr(self.cfg, "weight_decay", 0.0))
+            betas, wd = optim.betas_of(role), optim.weight_decay_of(role)
             # ``initial_lr`` (the base of :meth:`step_role`'s schedule) is set here, not at the first step: a sharded
             # FSDP2 checkpoint restores only the param-group keys a fresh optimiser already has
-            lr = self.role_lr(role)
+            lr = optim.lr_of(role)
             opts.append(torch.optim.AdamW([{"params": params, "initial_lr": lr}], lr=lr, betas=betas, weight_decay=wd))
         return opts
 
@@ -153,9 +159,9 @@ class FewStepMethod(L.LightningModule):
         return norm
 
     def lr_factor(self) -> float:
-        """Learning-rate multiplier at this iteration: ``cfg.lr_schedule`` = ``constant`` or ``cosine`` (to 0 at
+        """Learning-rate multiplier at this iteration: ``optim.lr_schedule`` = ``constant`` or ``cosine`` (to 0 at
         ``max_iterations``, the run length set by the trainer section). Keyed on the iteration, so resume-exact."""
-        if getattr(self.cfg, "lr_schedule", "constant") != "cosine" or not self.max_iterations:
+        if self.optim_config().lr_schedule != "cosine" or not self.max_iterations:
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * min(self.iteration / self.max_iterations, 1.0)))
 

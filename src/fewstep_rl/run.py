@@ -18,7 +18,6 @@ Layers, later wins: the packaged preset ``configs/<method>/<world>.yaml`` (when 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -32,7 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from fewstep_rl import registry
-from fewstep_rl.config import ConfigError, build, knob, plugin_preset, to_dict, unknown_key_message
+from fewstep_rl.config import ConfigError, build, deep_merge, knob, plugin_preset, to_dict, unknown_key_message
 from fewstep_rl.roles.config import LEGACY_WORLD_KEYS, RolesConfig
 
 DEFAULT_WORLD = "shapes"
@@ -115,17 +114,6 @@ class Resolved:
             out["judges"] = [{"name": n, "weight": w, **to_dict(c)} for n, _, c, w in self.judges]
             out["monitor"] = to_dict(self.monitor)
         return out
-
-
-def deep_merge(base: dict, over: Mapping) -> dict:
-    """Merge mappings recursively (lists and scalars are replaced)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def set_dotted(cfg: dict, key: str, value: Any) -> None:

@@ -101,7 +101,9 @@ class CompareConfig:
     judges: list[dict[str, Any]] = knob(help="judge rewards (never seen by training)", factory=list)
     beta: float | None = knob(None, "β written into every method that has a beta key")
     seeds: list[int] = knob(help="one run per method and seed", factory=lambda: [0])
-    budget: BudgetConfig = knob(help="training budget", factory=lambda: BudgetConfig(iterations=1000))
+    budget: BudgetConfig = knob(  # replaced whole, not merged: its keys exclude each other
+        help="training budget", factory=lambda: BudgetConfig(iterations=1000), merge=False
+    )
     eval: EvalConfig = knob(help="shared evaluation", factory=EvalConfig)
     monitor: MonitorConfig = knob(help="reward-hacking monitor", factory=MonitorConfig)
     trainer: dict[str, Any] = knob(help="shared trainer keys", factory=dict)

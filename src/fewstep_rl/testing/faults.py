@@ -244,7 +244,7 @@ BAD_INPUTS: list[tuple[str, str]] = [
     ("reward returning +Inf", "non-finite score"),
     ("reward returning shape (B, 1)", "returned shape"),
     ("non-finite gradient every iteration", "training aborted"),
-    ("resume with a changed --method.lr", "resume changes the config"),
+    ("resume with a changed --method.optim.lr", "resume changes the config"),
     ("resume with a changed --trainer.seed", "resume changes the config"),
     ("resume with max_steps below the checkpoint", "is below the"),
     ("sample --n 0", "--n must be >= 1"),
