@@ -128,6 +128,31 @@ def test_rtdmd_keys_of_both_stages_name_both_new_keys(old):
                             "(same values); set each in your config")
 
 
+def test_a_recorded_config_from_before_the_renames_still_resolves():
+    """A checkpoint's recorded config (``raw``: resume, evaluate, export) written with the flat optimiser keys and
+    rtdmd's ``ttur`` resolves to the same settings under the new names; an override given the new way wins; the
+    same keys in a user's config still fail with the new name."""
+    raw = {"method": {"name": "tdm_r1", "lr": 2e-4, "lr_generator": 5e-5, "lr_fake_score": None,
+                      "surrogate_adam_betas": [0.8, 0.9], "grad_clip": 2.0, "weight_decay": 0.0},
+           "world": {"name": "toy2d"}}
+    opt = resolve(None, raw=raw).method.optim
+    assert (opt.lr, opt.grad_clip, opt.weight_decay) == (2e-4, 2.0, 0.0)
+    assert opt.roles["generator"].lr == 5e-5 and opt.roles["surrogate"].adam_betas == [0.8, 0.9]
+    assert opt.roles["fake_score"].lr is None
+    assert resolve(None, None, (), {"method.optim.lr": 1e-4}, raw=raw).method.optim.lr == 1e-4
+    rt = resolve(None, raw={"method": {"name": "rtdmd", "ttur": 3, "adam_betas": [0.5, 0.9], "grad_clip": 4.0,
+                                       "lr_stage2": 1e-5, "lr_fake_stage2": 2e-5, "weight_decay_stage2": 0.01},
+                            "world": {"name": "toy2d"}}).method
+    assert rt.fake_updates_per_gen == 3
+    assert rt.optim.adam_betas == rt.optim_stage2.adam_betas == [0.5, 0.9]
+    assert rt.optim.grad_clip == rt.optim_stage2.grad_clip == 4.0
+    assert (rt.optim_stage2.lr, rt.optim_stage2.roles["fake_score"].lr, rt.optim_stage2.weight_decay) == (
+        1e-5, 2e-5, 0.01)
+    assert rt.optim_stage2.roles["fake_score"].weight_decay == 0.0  # rtdmd's own stage-2 default is kept
+    with pytest.raises(ConfigError, match="^'method.lr' was renamed 'method.optim.lr'"):
+        resolve("tdm_r1", "toy2d", (), {"method.lr": 2e-4})
+
+
 def test_partial_optim_merges_over_the_methods_own_default():
     """Setting only ``optim.lr`` (or one ``roles`` entry) keeps the rest of the *method's* optim default, not the
     OptimConfig class defaults."""

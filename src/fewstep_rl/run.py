@@ -31,7 +31,16 @@ from typing import Any, Literal
 import yaml
 
 from fewstep_rl import registry
-from fewstep_rl.config import ConfigError, build, deep_merge, knob, plugin_preset, to_dict, unknown_key_message
+from fewstep_rl.config import (
+    ConfigError,
+    build,
+    deep_merge,
+    field_types,
+    knob,
+    plugin_preset,
+    to_dict,
+    unknown_key_message,
+)
 from fewstep_rl.roles.config import LEGACY_WORLD_KEYS, RolesConfig
 
 DEFAULT_WORLD = "shapes"
@@ -193,6 +202,8 @@ def resolve(
         if key not in SECTIONS:
             raise ConfigError(unknown_key_message("<config>", key, list(SECTIONS)).replace("'<config>.", "'"))
     msec = dict(merged.get("method") or {})
+    if raw is not None:  # a checkpoint's recorded config may predate a rename: upgrade it quietly
+        msec = upgrade_renamed(msec, method_cls.Config)
     if msec.pop("name", method) != method:
         raise ConfigError(f"config says method.name={merged['method']['name']!r} but --method is {method!r}")
     wsec = dict(merged.get("world") or {})
@@ -211,6 +222,35 @@ def resolve(
     judges, monitor = resolve_judges(merged, world_cls, world_cfg)
     return Resolved(method, method_cls, method_cfg, world, world_cls, world_cfg, rewards, trainer_cfg, judges, monitor,
                     roles_cfg)
+
+
+def upgrade_renamed(section: dict, cls: type) -> dict:
+    """``section`` (a checkpoint's recorded config section of ``cls``) with every retired key that ``cls.RENAMED``
+    maps to new dotted key(s) moved there — e.g. ``lr`` → ``optim.lr``, rtdmd's ``grad_clip`` → ``optim.grad_clip``
+    and ``optim_stage2.grad_clip`` — so runs recorded before a rename still resume, evaluate and export. A new key the
+    config also gives (a later override) keeps its value. Retired *values* (``"key=value"`` entries) are not upgraded:
+    they still fail with the message that names the new setting. A user's own config is never upgraded
+    (:func:`fewstep_rl.config.build` rejects its old keys with the new name)."""
+    import copy
+    import re
+
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
+    fields = set(field_types(cls))
+    out = copy.deepcopy(section)
+    for old in [k for k in out if k not in fields and k in renamed]:
+        targets = renamed[old].split(",")
+        if not all(re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", t) for t in targets):
+            continue  # a phrase, not a key: leave it to build's message
+        value = out.pop(old)
+        for target in targets:
+            *path, last = target.split(".")
+            node = out
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"recorded config: cannot move '{old}' to '{target}': '{part}' is not a section")
+            node.setdefault(last, copy.deepcopy(value))
+    return out
 
 
 def legacy_roles(wsec: dict, roles: Any, quiet: bool = False) -> Any:
