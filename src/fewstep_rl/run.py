@@ -236,6 +236,10 @@ def upgrade_renamed(section: dict, cls: type) -> dict:
 
     renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
     fields = set(field_types(cls))
+    try:
+        defaults = to_dict(cls())
+    except (TypeError, ValueError):  # a class without defaults for every field
+        defaults = {}
     out = copy.deepcopy(section)
     for old in [k for k in out if k not in fields and k in renamed]:
         targets = renamed[old].split(",")
@@ -244,6 +248,11 @@ def upgrade_renamed(section: dict, cls: type) -> dict:
         value = out.pop(old)
         for target in targets:
             *path, last = target.split(".")
+            default: Any = defaults
+            for part in target.split("."):
+                default = default.get(part) if isinstance(default, dict) else None
+            if value is None and default is None:  # an old null meant "inherit", as an absent new key does
+                continue
             node = out
             for part in path:
                 node = node.setdefault(part, {})
