@@ -119,6 +119,24 @@ Deviations:
       to 3.7× the floor on the linear worlds (``benchmarks/toy2d_euler_floor.py``; 64 steps: 1–2.4 %, 2.1×), and the
       trained field on ``2d-linear-s1-2`` was 10 % too narrow. But halving the chain's share did not move the
       medians, so the rest of the remaining error is the learned field's, not the sampler's.
+    * Where the remaining error on seed 1's worst worlds sits (session 30, ``2d-linear-s1-6``, preset 16.7× the floor,
+      mode move 90 %). Per sample, the regression's gradient is a flow-matching gradient: for
+      ``average_timesteps`` the two terms sum to ``(2w/Tn)(v_θ − u)·(fm_coef − 2·adv_clip·res_i)``,
+      ``res_i = β r̂ᶜ_i − Rᶜ_i`` — flow matching on the model's own samples, weighted down (and, above
+      ``res = fm_coef/(2·adv_clip)`` = 0.3, negatively) where the implicit reward is too high. Measured on the trained
+      generator (600 samples per prompt, r̂ from 256 draws, the field's exact ODE log-density by RK4 with the exact
+      divergence; the teacher's ODE log-density matches its closed form to 1e-4): the regression is not solved at
+      the mode level — ``β r̂ − r`` (centred) is +0.27 in the component that should shrink vs −0.04 in the one that
+      should grow (``2d-linear-s1-8``: +0.24…+0.32 vs −0.06) — and the exact log-ratio is much further off than the
+      ELBO says (+1.5 vs −0.2; s1-8: +0.9…+3.1 vs −0.3…−0.4): the field is a worse denoiser of its own samples in the
+      shrinking components (a larger ELBO gap), which lowers their implicit reward without moving their mass. On a
+      region world (``2d-region-s1-5``, 12.6×) the residuals are small (≤ +0.11) and the ELBO is tight. The
+      over-weighted masses did not move with any knob tried on s1-6 (energy / mass of the shrinking component,
+      target 0.066; preset 16.7× / 0.117): ``t_min`` 0.005 16.8× / 0.118; adapters of width 256 19.7× / 0.120;
+      ``fm_coef`` 5 19.7× / 0.122 and 8 19.4× / 0.119; ``grad_clip`` 10 (the clip at 1 is active on most steps:
+      median grad norm 2–3.6) 16.9× / 0.118 (s1-8: 21.0× vs 19.5×). With session 29's probes (evaluation EMA 16.8×,
+      8000 iterations 36.3×, ``fm_coef`` 1 35.3×, T = 96 draws 15.4×) this points to a fixed point of the objective
+      itself, not to the optimiser, the run length or the network's size.
     * ``forward_batch``: a micro-batch of whole groups can be pushed through the network in pieces; the stop-gradient
       group means come from a no-grad pass first, so loss and gradient equal the one-pass values (tested).
 """
