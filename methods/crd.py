@@ -136,7 +136,10 @@ Deviations:
       ``fm_coef`` 5 19.7× / 0.122 and 8 19.4× / 0.119; ``grad_clip`` 10 (the clip at 1 is active on most steps:
       median grad norm 2–3.6) 16.9× / 0.118 (s1-8: 21.0× vs 19.5×). With session 29's probes (evaluation EMA 16.8×,
       8000 iterations 36.3×, ``fm_coef`` 1 35.3×, T = 96 draws 15.4×) this points to a fixed point of the objective
-      itself, not to the optimiser, the run length or the network's size.
+      itself, not to the optimiser, the run length or the network's size. It is not simply the balance between the
+      two terms either: with ``fm_coef`` 8 the masses are the same while the unsolved residual grows (+0.45 vs −0.06;
+      exact log-ratio +1.58 vs −0.22), below that run's sign-change point 0.8.
+      ``python benchmarks/crd_elbo_gap.py --seed 1 --world 6 [--config fm8.yaml]`` prints these tables.
     * ``forward_batch``: a micro-batch of whole groups can be pushed through the network in pieces; the stop-gradient
       group means come from a no-grad pass first, so loss and gradient equal the one-pass values (tested).
 """
