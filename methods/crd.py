@@ -248,7 +248,6 @@ class CRDConfig:
             raise ValueError("elbo weighting (1−t)/t needs t_min > 0")
         if self.adv_clip <= 0 or self.kl_coef < 0 or self.norm_floor <= 0 or self.fm_coef < 0:
             raise ValueError("adv_clip and norm_floor must be > 0, kl_coef and fm_coef >= 0")
-        self.optim.check_roles(ROLES)
         for tag in ("old", "sampler"):
             d0, dmax, n0 = getattr(self, f"{tag}_d0"), getattr(self, f"{tag}_dmax"), getattr(self, f"{tag}_n0")
             if not (0.0 <= d0 <= 1.0 and 0.0 <= dmax <= 1.0) or getattr(self, f"{tag}_kappa") < 0 or n0 < 0:

@@ -95,7 +95,6 @@ class DIStarConfig:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 < self.t_min < self.t_max < 1.0:
             raise ValueError(f"need 0 < t_min < t_max < 1, got {self.t_min}, {self.t_max}")
-        self.optim.check_roles(ROLES)
         Transition.parse(self.transition)
 
 

@@ -146,7 +146,6 @@ class DIDRConfig:
             raise ValueError(f"chain_grad must be 'last' or 'all', got {self.chain_grad!r}")
         if self.drs not in ("drp", "exact"):
             raise ValueError(f"drs must be 'drp' or 'exact', got {self.drs!r}")
-        self.optim.check_roles(ROLES)
         Transition.parse(self.transition)
 
 

@@ -92,7 +92,6 @@ class DMD2Config:
             raise ValueError("num_steps, fake_updates_per_gen and batch_size must be >= 1")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
-        self.optim.check_roles(ROLES)
         Transition.parse(self.transition)
 
 

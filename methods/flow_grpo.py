@@ -126,7 +126,6 @@ class FlowGRPOConfig:
             raise ValueError(f"train_steps must be >= 1 or null, got {self.train_steps}")
         if self.ppo_clip <= 0 or self.adv_clip <= 0 or self.kl_coef < 0:
             raise ValueError("ppo_clip and adv_clip must be > 0 and kl_coef >= 0")
-        self.optim.check_roles(ROLES)
         if self.ema_every < 1 or not 0 <= self.ema_decay <= 1:
             raise ValueError("ema_decay must lie in [0, 1] and ema_every must be >= 1")
 

@@ -122,7 +122,6 @@ class DiffusionNFTConfig:
             raise ValueError(f"need 0 < t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.adv_clip <= 0 or self.kl_coef < 0 or self.norm_floor <= 0:
             raise ValueError("adv_clip and norm_floor must be > 0 and kl_coef >= 0")
-        self.optim.check_roles(ROLES)
         if not (0.0 <= self.old_d0 <= 1.0 and 0.0 <= self.old_dmax <= 1.0) or self.old_kappa < 0 or self.old_n0 < 0:
             raise ValueError("old decay: need d0, d_max in [0, 1], kappa >= 0 and n0 >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:

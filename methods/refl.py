@@ -93,7 +93,6 @@ class ReFLConfig:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.objective not in ("linear", "hinge"):
             raise ValueError(f"objective must be 'linear' or 'hinge', got {self.objective!r}")
-        self.optim.check_roles(ROLES)
         Transition.parse(self.transition)
 
 

@@ -260,8 +260,6 @@ class RTDMDConfig:
             raise ValueError(f"eta must lie in [0, 1] (CPS θ = ηπ/2), got {self.eta}")
         if self.stage1_iterations < 0 or self.fake_updates_per_gen < 1:
             raise ValueError("stage1_iterations must be >= 0 and fake_updates_per_gen >= 1")
-        self.optim.check_roles(ROLES, "optim")
-        self.optim_stage2.check_roles(ROLES, "optim_stage2")
         if len(self.renoise_clamp) != 2 or not 0.0 < self.renoise_clamp[0] < self.renoise_clamp[1] < 1.0:
             raise ValueError(f"renoise_clamp must be [low, high] with 0 < low < high < 1, got {self.renoise_clamp}")
         if self.consistency_max_delta < 1 or self.consistency_weight < 0:

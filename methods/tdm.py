@@ -95,7 +95,6 @@ class TDMConfig:
             raise ValueError(f"train_steps must be in 1..num_steps={self.num_steps}, got {self.train_steps}")
         if not self.shift > 0 or not 0 <= self.level_margin < 1:
             raise ValueError(f"need shift > 0 and 0 <= level_margin < 1, got {self.shift}, {self.level_margin}")
-        self.optim.check_roles(ROLES)
         if self.fake_teacher_reg < 0 or (self.huber_c is not None and self.huber_c <= 0):
             raise ValueError("fake_teacher_reg must be >= 0 and huber_c > 0 (or null)")
         if not 0 <= self.ema_decay <= 1:

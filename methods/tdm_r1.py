@@ -215,7 +215,6 @@ class TDMR1Config:
             raise ValueError("dpo_beta, clip_eps and adv_clip must be > 0")
         if self.drift_weight < 0 or self.drift_threshold < 0 or self.fake_teacher_reg < 0:
             raise ValueError("drift_weight, drift_threshold and fake_teacher_reg must be >= 0")
-        self.optim.check_roles(ROLES)
         if not 0 <= self.ema_decay <= 1 or not 0 <= self.old_decay_start <= self.old_decay_max <= 1:
             raise ValueError("need ema_decay in [0, 1] and 0 <= old_decay_start <= old_decay_max <= 1")
         if self.old_decay_slope < 0:

@@ -16,11 +16,13 @@ learning rate, schedule, AdamW betas and weight decay, gradient-norm clip — an
 A method declares its own defaults (``optim: OptimConfig = knob(factory=lambda: OptimConfig(...))``), and a config's
 ``optim`` mapping is merged over the method's default, not over the class defaults below
 (:func:`fewstep_rl.config.build`): setting only ``method.optim.lr`` keeps the method's betas, clip and role overrides.
-The method checks that every ``roles`` key is one of its trainable roles (:meth:`OptimConfig.check_roles`).
+Every ``roles`` key must be one of the method's trainable roles: :func:`check_optim_roles`, called once for every
+method by :func:`fewstep_rl.run.resolve`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,3 +120,12 @@ def renamed_flat_keys(*roles: str) -> dict[str, str]:
     each of ``roles``."""
     flat = {k: f"optim.{k}" for k in ("lr", "lr_schedule", "adam_betas", "weight_decay", "grad_clip")}
     return {**flat, **{f"lr_{r}": f"optim.roles.{r}.lr" for r in roles}}
+
+
+def check_optim_roles(cfg: object, roles: Sequence[str]) -> None:
+    """:meth:`OptimConfig.check_roles` for every ``OptimConfig`` field of the method config ``cfg`` (``optim``, rtdmd's
+    ``optim_stage2``), against the method's trainable ``roles``; raises ``ValueError`` naming the field."""
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, f.name)
+        if isinstance(value, OptimConfig):
+            value.check_roles(roles, f.name)

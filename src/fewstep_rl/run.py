@@ -41,6 +41,7 @@ from fewstep_rl.config import (
     to_dict,
     unknown_key_message,
 )
+from fewstep_rl.optim import check_optim_roles
 from fewstep_rl.roles.config import LEGACY_WORLD_KEYS, RolesConfig
 
 DEFAULT_WORLD = "shapes"
@@ -213,8 +214,13 @@ def resolve(
     method_cfg = build(method_cls.Config, msec, "method")
     world_cfg = build(world_cls.Config, wsec, "world")
     roles_cfg = resolve_roles(rsec, world_cls)
+    trainable = tuple(getattr(method_cls, "trainable_roles", ()))
     try:
-        roles_cfg.check_checkpointed_roles(tuple(getattr(method_cls, "trainable_roles", ())), method)
+        check_optim_roles(method_cfg, trainable)
+    except ValueError as e:
+        raise ConfigError(f"'method': {e}") from None
+    try:
+        roles_cfg.check_checkpointed_roles(trainable, method)
     except ValueError as e:
         raise ConfigError(f"'roles': {e}") from None
     trainer_cfg = build(TrainerConfig, merged.get("trainer"), "trainer")
@@ -228,11 +234,11 @@ def upgrade_renamed(section: dict, cls: type) -> dict:
     """``section`` (a checkpoint's recorded config section of ``cls``) with every retired key that ``cls.RENAMED``
     maps to new dotted key(s) moved there — e.g. ``lr`` → ``optim.lr``, rtdmd's ``grad_clip`` → ``optim.grad_clip``
     and ``optim_stage2.grad_clip`` — so runs recorded before a rename still resume, evaluate and export. A new key the
-    config also gives (a later override) keeps its value. Retired *values* (``"key=value"`` entries) are not upgraded:
-    they still fail with the message that names the new setting. A user's own config is never upgraded
-    (:func:`fewstep_rl.config.build` rejects its old keys with the new name)."""
+    config also gives (a later override) keeps its value; an old null ("inherit") is dropped where the class has no
+    default to override. Retired *values* (``"key=value"`` entries) are not upgraded: they still fail with the message
+    that names the new setting. A user's own config is never upgraded (:func:`fewstep_rl.config.build` rejects its
+    old keys with the new name)."""
     import copy
-    import re
 
     renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
     fields = set(field_types(cls))
@@ -242,16 +248,13 @@ def upgrade_renamed(section: dict, cls: type) -> dict:
         defaults = {}
     out = copy.deepcopy(section)
     for old in [k for k in out if k not in fields and k in renamed]:
-        targets = renamed[old].split(",")
-        if not all(re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", t) for t in targets):
-            continue  # a phrase, not a key: leave it to build's message
         value = out.pop(old)
-        for target in targets:
+        for target in renamed[old].split(","):
             *path, last = target.split(".")
             default: Any = defaults
-            for part in target.split("."):
+            for part in path + [last]:
                 default = default.get(part) if isinstance(default, dict) else None
-            if value is None and default is None:  # an old null meant "inherit", as an absent new key does
+            if value is None and default is None:
                 continue
             node = out
             for part in path:
