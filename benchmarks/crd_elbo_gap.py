@@ -30,18 +30,8 @@ from pathlib import Path
 import torch
 
 from fewstep_rl.objectives.crd import implicit_reward
-from fewstep_rl.run import assemble, write_run_files
-from fewstep_rl.validate import default_reward_kind, eval_prompts, resolve_world_run, score_samples
+from fewstep_rl.validate import default_reward_kind, eval_prompts, reward_values, score_samples, train_world
 from fewstep_rl.worlds.toy2d_problems import component_responsibilities, make_problems
-
-
-def reward_of(problem, x: torch.Tensor) -> torch.Tensor:
-    """The problem's reward on ``x`` (N, d), float64: ``w·x`` or ``value·1[x in box]``."""
-    spec = problem.reward
-    if spec["name"] == "linear":
-        return x.double() @ torch.tensor(spec["w"], dtype=torch.float64)[: x.shape[1]]
-    low, high = torch.tensor(spec["low"]), torch.tensor(spec["high"])
-    return ((x >= low) & (x <= high)).all(1).double() * float(spec.get("value", 1.0))
 
 
 def ode_log_density(velocity, x0: torch.Tensor, n: int) -> torch.Tensor:
@@ -84,14 +74,9 @@ def main() -> None:
     a = ap.parse_args()
     if not 0 <= a.world < 10 or a.n < 10 or a.draws < 1 or a.ode < 1:
         ap.error("need 0 <= --world < 10, --n >= 10, --draws >= 1, --ode >= 1")
-    torch.set_num_threads(1)
     problem = make_problems(10, a.seed, "all", default_reward_kind("crd"))[a.world]
     rd = Path(a.out or tempfile.mkdtemp(prefix="crd-elbo-gap-"))
-    resolved = resolve_world_run("crd", problem, a.config, a.steps, a.seed, rd)
-    write_run_files(rd, resolved)
-    module, dm, trainer = assemble(resolved, rd, [], run_callback=False)
-    trainer.fit(module, datamodule=dm)
-    module.eval()
+    module, _, _ = train_world("crd", problem, a.config, a.steps, a.seed, rd)
     prompts = eval_prompts(problem, 4000)
     with torch.no_grad():
         x = module.generate(prompts, torch.Generator().manual_seed(a.seed + 1)).cpu()
@@ -112,7 +97,7 @@ def main() -> None:
         def vel(role: str, cond=cond):
             return lambda x, s: bb.velocity(x, torch.full((x.shape[0],), float(s)), cond, role)
 
-        r = reward_of(problem, x0)
+        r = reward_values(problem, x0)
         with torch.no_grad():
             r_hat = torch.zeros(a.n, dtype=torch.float64)
             for k in range(a.draws):

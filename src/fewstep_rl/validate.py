@@ -153,9 +153,12 @@ def resolve_world_run(method: str, problem: Any, configs: Sequence[str], steps: 
     return resolve(method, "toy2d", tuple(configs), over)
 
 
-def train_and_score(method: str, problem_dict: dict[str, Any], configs: Sequence[str], steps: int | None, seed: int,
-                    eval_samples: int, run_dir: str) -> dict[str, Any]:
-    """Train ``method`` on one problem (1 intra-op thread) and score its samples (runs in a worker process)."""
+def train_world(method: str, problem: Any, configs: Sequence[str], steps: int | None, seed: int,
+                run_dir: Path) -> tuple[Any, Any, float]:
+    """Train ``method`` on ``problem`` as validate does (1 intra-op thread, Lightning's console quietened).
+
+    Returns the trained module (in eval mode), the resolved config and the training time in seconds.
+    """
     import logging
     import warnings
 
@@ -163,22 +166,31 @@ def train_and_score(method: str, problem_dict: dict[str, Any], configs: Sequence
     import torch
 
     from fewstep_rl.run import assemble, write_run_files
-    from fewstep_rl.worlds.toy2d_problems import Problem
 
     torch.set_num_threads(1)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                  "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
+    t0 = time.time()
+    resolved = resolve_world_run(method, problem, configs, steps, seed, run_dir)
+    write_run_files(run_dir, resolved)
+    module, dm, trainer = assemble(resolved, run_dir, [], run_callback=False)
+    trainer.fit(module, datamodule=dm)
+    module.eval()
+    return module, resolved, time.time() - t0
+
+
+def train_and_score(method: str, problem_dict: dict[str, Any], configs: Sequence[str], steps: int | None, seed: int,
+                    eval_samples: int, run_dir: str) -> dict[str, Any]:
+    """Train ``method`` on one problem (1 intra-op thread) and score its samples (runs in a worker process)."""
+    import torch
+
+    from fewstep_rl.worlds.toy2d_problems import Problem
+
     problem = Problem(**problem_dict)
     rd = Path(run_dir)
-    t0 = time.time()
-    resolved = resolve_world_run(method, problem, configs, steps, seed, rd)
-    write_run_files(rd, resolved)
-    module, dm, trainer = assemble(resolved, rd, [], run_callback=False)
-    trainer.fit(module, datamodule=dm)
-    train_s = time.time() - t0
-    module.eval()
+    module, resolved, train_s = train_world(method, problem, configs, steps, seed, rd)
     prompts = eval_prompts(problem, eval_samples)
     with torch.no_grad():
         x = module.generate(prompts, torch.Generator(device=module.device).manual_seed(seed + 1)).cpu()
